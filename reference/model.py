@@ -1,0 +1,79 @@
+"""`tinygpt.model` built on `nn.MultiheadAttention(batch_first=True)`, name for name.
+
+Only the configuration and the weight initialisation come from `tinygpt`; the attention, the
+causal mask (torch's own `generate_square_subsequent_mask`) and the mask handling are torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tinygpt.config import ModelConfig
+from tinygpt.model import init_weights
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class ReferenceDecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.input_scale = config.d_model ** -0.5 if config.seed_input_scale else None
+        self.attention = nn.MultiheadAttention(
+            config.d_model, config.n_heads, dropout=config.dropout, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff),
+            _ACTIVATIONS[config.activation](),
+            nn.Linear(config.d_ff, config.d_model),
+        )
+        self.norm2 = nn.LayerNorm(config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _attend(self, x: Tensor, mask: Tensor) -> Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        out, _ = self.attention(x, x, x, attn_mask=mask, need_weights=False)
+        return self.dropout(out)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if self.norm_first:
+            x = x + self._attend(self.norm1(x), mask)
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self._attend(x, mask))
+        return self.norm2(x + self.dropout(self.mlp(x)))
+
+
+class ReferenceDecoderModel(nn.Module):
+    """The oracle. `bool_mask=True` passes the boolean twin of the causal mask (True = blocked),
+    which lets `nn.MultiheadAttention` take its native fast path in eval + inference mode."""
+
+    def __init__(self, config: ModelConfig, bool_mask: bool = False):
+        super().__init__()
+        self.config = config
+        self.positional = nn.Parameter(torch.empty(config.max_seq, config.d_model))
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(ReferenceDecoderBlock(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model) if config.norm_first else None
+        self.head = nn.Linear(config.d_model, config.vocab_size)
+        mask = nn.Transformer.generate_square_subsequent_mask(config.max_seq)
+        self.register_buffer("causal_mask", torch.isinf(mask) if bool_mask else mask, persistent=False)
+        init_weights(self)
+        for block in self.blocks:  # init_weights never sees MHA's bare packed parameters
+            nn.init.xavier_normal_(block.attention.in_proj_weight)
+            nn.init.zeros_(block.attention.in_proj_bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        x = self.dropout(self.embedding(idx) + self.positional[:t])
+        mask = self.causal_mask[:t, :t]
+        if mask.is_floating_point():
+            mask = mask.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, mask)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.head(x)

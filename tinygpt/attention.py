@@ -1,0 +1,137 @@
+"""Multi-head scaled-dot-product attention, written out by hand: the subject of TinyGPT.
+
+Legend (used in every einops pattern and shape comment of the project):
+    b batch   t position   h heads   d per-head width   (h d) = d_model
+    i query position   j key position   v vocab   f d_ff
+
+The module mirrors `nn.MultiheadAttention(batch_first=True)` used for self-attention, parameter for
+parameter: `in_proj` packs the q, k, v projections in that order (MHA's `in_proj_weight`), and
+`out_proj` is MHA's `out_proj`. Masks are additive floats: 0 where attention is allowed, -inf where
+it is not.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Tensor:
+    """Additive mask `(i j)`: 0 where key j is at or before query i, -inf where it is in the future.
+
+    With `n_keys > n_queries` the queries are the *last* `n_queries` positions (decoding with a
+    cache), so query i sits at absolute position `i + n_keys - n_queries`.
+    """
+    n_keys = n_queries if n_keys is None else n_keys
+    is_future = torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).triu(
+        n_keys - n_queries + 1
+    )
+    return additive_mask(is_future)
+
+
+def padding_mask(is_pad: Tensor) -> Tensor:
+    """Additive mask `(b 1 1 j)` from `is_pad (b j)`, True where key j is padding to be ignored."""
+    return rearrange(additive_mask(is_pad), "b j -> b 1 1 j")
+
+
+def additive_mask(is_blocked: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """0/-inf float mask from a boolean one whose True means *blocked*.
+
+    That is `nn.MultiheadAttention`'s convention, and the opposite of
+    `F.scaled_dot_product_attention`, where True means *may attend*. The classic traps:
+    `torch.tril(ones).bool()` handed to MHA as-is blocks the past and the diagonal and opens the
+    future; `torch.tril(ones)` handed over as a float mask is *added* to the scores (+1 where
+    allowed) and masks nothing. Both leak silently; the second does not even make a NaN.
+    """
+    if is_blocked.dtype != torch.bool:
+        raise TypeError(f"expected a boolean mask (True = blocked), got dtype {is_blocked.dtype}.")
+    return torch.zeros(is_blocked.shape, dtype=dtype, device=is_blocked.device).masked_fill(
+        is_blocked, float("-inf")
+    )
+
+
+def combine_masks(*masks: Tensor | None) -> Tensor | None:
+    """Sum of additive masks, broadcast together (`(i j)` + `(b 1 1 j)` -> `(b 1 i j)`)."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        return None
+    combined = present[0]
+    for mask in present[1:]:
+        combined = combined + mask
+    return combined
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    if mask is None:
+        return None
+    return additive_mask(mask, dtype) if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _no_hook(name: str, x: Tensor) -> Tensor:
+    return x
+
+
+def scaled_dot_product(q, k, v, mask=None, *, dropout_p=0.0, hook=_no_hook):
+    """softmax(q kᵀ / √d + mask) v for q `(b h i d)`, k and v `(b h j d)`; returns out, weights.
+
+    A query row whose keys are all masked gets all-zero weights (so its output is 0, not NaN, and
+    its gradients stay finite): the rule `F.scaled_dot_product_attention` follows too. A causal
+    mask never does this; only padding can. `hook(name, x)` lets `inspection` observe or replace
+    the scores, the masked scores and the weights without touching the maths.
+    """
+    scores = hook("scores", einsum(q, k, "b h i d, b h j d -> b h i j") * q.shape[-1] ** -0.5)
+    empty = None
+    if mask is not None:
+        empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # ... i 1: rows with no visible key
+        scores = hook("masked_scores", scores + mask.masked_fill(empty, 0.0))
+    weights = scores.softmax(dim=-1)
+    if empty is not None:
+        weights = weights.masked_fill(empty, 0.0)
+    weights = hook("pattern", F.dropout(weights, dropout_p) if dropout_p > 0 else weights)
+    out = einsum(weights, v, "b h i j, b h j d -> b h i d")
+    return out, weights
+
+
+class HookPoint(nn.Identity):
+    """An identity whose forward hooks observe or replace one activation (see `inspection`)."""
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with `nn.MultiheadAttention(batch_first=True)`'s parameters and signature."""
+
+    HOOKS = ("q", "k", "v", "scores", "masked_scores", "pattern", "z")
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
+        self.n_heads, self.dropout = n_heads, dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model)  # rows: q, k, v, each (h d)
+        self.out_proj = nn.Linear(d_model, d_model)
+        for name in self.HOOKS:
+            self.add_module(f"hook_{name}", HookPoint())
+
+    def _hook(self, name: str, x: Tensor) -> Tensor:
+        return getattr(self, f"hook_{name}")(x)
+
+    def forward(self, x, attn_mask=None, key_padding_mask=None, need_weights=False,
+                average_attn_weights=True):
+        """x `(b t (h d))` -> out `(b t (h d))`, weights `(b i j)`, `(b h i j)` or None.
+
+        Masks follow MHA: `attn_mask (i j)` and `key_padding_mask (b j)`, each either additive
+        float or boolean with True = blocked.
+        """
+        qkv = self.in_proj(x)
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if key_padding_mask is not None:
+            key_padding_mask = rearrange(_additive(key_padding_mask, q.dtype), "b j -> b 1 1 j")
+        mask = combine_masks(_additive(attn_mask, q.dtype), key_padding_mask)
+        dropout_p = self.dropout if self.training else 0.0
+        z, weights = scaled_dot_product(q, k, v, mask, dropout_p=dropout_p, hook=self._hook)
+        out = self.out_proj(rearrange(self.hook_z(z), "b h t d -> b t (h d)"))
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=1) if average_attn_weights else weights

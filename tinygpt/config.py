@@ -1,0 +1,90 @@
+"""Model configuration: one validated dataclass and the named presets built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+ACTIVATIONS = ("relu", "gelu")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every size of the decoder, with the names of "Attention Is All You Need".
+
+    `seed_input_scale` reproduces a quirk of the seed code: the input of every attention layer is
+    multiplied by `d_model ** -0.5` (on top of attention's own `d_head ** -0.5`). Because q, k and v
+    are linear in that input, with zero biases the scores shrink by a further factor of `d_model`
+    (each of q and k by `d_model ** -0.5`) and the values by `d_model ** -0.5`, so the softmax starts
+    out almost uniform. Only the `seed` preset turns it on.
+    """
+
+    vocab_size: int = 40
+    d_model: int = 32
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 64
+    max_seq: int = 32
+    dropout: float = 0.0
+    norm_first: bool = False  # False: post-LayerNorm (the seed); True: pre-LayerNorm (GPT-2)
+    activation: str = "relu"
+    seed_input_scale: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}."
+            )
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The preset `name` with any field replaced by `overrides`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a plain dict (a checkpoint's or a command line's), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config field {unknown[0]!r}; known fields: {', '.join(sorted(known))}."
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# vocab_size of the larger presets is a placeholder: training replaces it with the tokenizer's size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(
+        vocab_size=40, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq=32,
+        dropout=0.0, norm_first=False, activation="relu", seed_input_scale=True,
+    ),
+    "shakespeare-cpu": dict(
+        vocab_size=65, d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq=64,
+        dropout=0.0, norm_first=True, activation="gelu",
+    ),
+    "baby": dict(
+        vocab_size=65, d_model=384, n_heads=6, n_layers=6, d_ff=1536, max_seq=256,
+        dropout=0.2, norm_first=True, activation="gelu",
+    ),
+}
