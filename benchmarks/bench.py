@@ -53,7 +53,7 @@ class Plan:
     shapes: tuple[Shape, ...]
     sweep_contexts: tuple[int, ...]
     sweep_width: tuple[int, int]  # d_model, n_heads
-    model_configs: tuple[tuple[str, int], ...]  # preset, batch
+    model_configs: tuple[tuple[str, int, dict], ...]  # preset, batch, config overrides
     generation: tuple[str, int, int]  # preset, prompt length, new tokens
     matmul_sizes: tuple[int, ...]
     budget: Budget
@@ -73,7 +73,7 @@ FULL = Plan(
     shapes=tuple(_preset_shape(name) for name in _BATCH),
     sweep_contexts=(64, 128, 256, 512, 1024, 2048),
     sweep_width=(384, 6),
-    model_configs=(("seed", 32), ("shakespeare-cpu", 12)),
+    model_configs=(("seed", 32, {}), ("shakespeare-cpu", 12, {})),
     generation=("shakespeare-cpu", 8, 56),
     matmul_sizes=(512, 1024, 2048),
     budget=Budget(min_run_time=0.3, max_run_time=1.0),
@@ -85,7 +85,7 @@ QUICK = Plan(
     shapes=tuple(Shape(name, 2, 8, 16, 2) for name in _BATCH),
     sweep_contexts=(8, 16),
     sweep_width=(16, 2),
-    model_configs=(("seed", 2),),
+    model_configs=(("seed", 2, dict(d_model=16, n_heads=2, d_ff=32, max_seq=8)),),
     generation=("seed", 2, 4),
     matmul_sizes=(64,),
     budget=Budget(min_run_time=0.001, max_run_time=0.01),
@@ -187,9 +187,10 @@ def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
     return rows
 
 
-def bench_model(preset: str, batch: int, device, dtype, *, threads, budget) -> list[dict]:
+def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, threads, budget
+                ) -> list[dict]:
     """Training-step tokens/s (forward, loss, backward, AdamW step) of the model with each attention."""
-    config = ModelConfig.preset(preset, dropout=0.0)
+    config = ModelConfig.preset(preset, **{**overrides, "dropout": 0.0})
     models = model_implementations(config, device=device, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(config.vocab_size, (batch, config.max_seq + 1), generator=generator)
@@ -277,23 +278,23 @@ def run(plan: Plan, *, quick: bool, threads: int, log=print) -> dict:
                "attention": [], "sweep": [], "model": [], "generation": []}
     for device, dtype in runs:
         label = f"{device.type} {_dtype_name(dtype)}"
-        log(f"[{label}] dense matmul throughput")
+        log(f"{label}: dense matmul throughput")
         roof = matmul_throughput(plan.matmul_sizes, device=device, dtype=dtype, threads=threads,
                                  budget=plan.budget)
         results["matmul"].append({"device": device.type, "dtype": _dtype_name(dtype), **roof})
         for shape in plan.shapes:
-            log(f"[{label}] attention at {shape.name} (b={shape.batch} t={shape.context} "
+            log(f"{label}: attention at {shape.name} (b={shape.batch} t={shape.context} "
                 f"d_model={shape.d_model} h={shape.n_heads})")
             results["attention"] += bench_attention(shape, device, dtype, threads=threads,
                                                     budget=plan.budget, peak=roof["flops_per_s"])
-        log(f"[{label}] context sweep {plan.sweep_contexts[0]}..{plan.sweep_contexts[-1]}")
+        log(f"{label}: context sweep {plan.sweep_contexts[0]}..{plan.sweep_contexts[-1]}")
         results["sweep"] += bench_sweep(plan, device, dtype, threads=threads)
-        for preset, batch in plan.model_configs:
-            log(f"[{label}] training step, {preset} model")
-            results["model"] += bench_model(preset, batch, device, dtype, threads=threads,
-                                            budget=plan.budget)
+        for preset, batch, overrides in plan.model_configs:
+            log(f"{label}: training step, {preset} model")
+            results["model"] += bench_model(preset, batch, overrides, device, dtype,
+                                            threads=threads, budget=plan.budget)
         if dtype == torch.float32:
-            log(f"[{label}] generation")
+            log(f"{label}: generation")
             results["generation"] += bench_generation(plan, device, threads=threads,
                                                       budget=plan.budget)
     results["targets"] = check_targets(results["attention"])
@@ -318,7 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  progress, not results
+    started = time.perf_counter()
+
+    def log(line: str) -> None:  # progress on stderr, so stdout is the table alone
+        print(f"[{time.perf_counter() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
+
     try:
         results = run(QUICK if args.quick else FULL, quick=args.quick, threads=args.threads, log=log)
         args.out.mkdir(parents=True, exist_ok=True)

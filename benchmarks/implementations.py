@@ -54,6 +54,12 @@ class FusedAttention(MultiHeadAttention):
         return self.out_proj(rearrange(z, "b h t d -> b t (h d)")), None
 
 
+def _fresh_compile_cache() -> None:
+    """Forget earlier compiled graphs. Every shape and grad mode adds one to the cache of the same
+    `forward`, and past torch.compile's recompile limit it would silently fall back to eager."""
+    torch._dynamo.reset()
+
+
 def fused_twin(hand: MultiHeadAttention) -> FusedAttention:
     """A FusedAttention holding a copy of `hand`'s weights (same dtype and device)."""
     n_heads, d_model = hand.n_heads, hand.out_proj.in_features
@@ -69,6 +75,7 @@ def attention_implementations(d_model: int, n_heads: int, *, device, dtype, seed
     `mha` gets the boolean twin of the mask (True = blocked) so that, in inference mode, it can take
     its native fast path: a float mask would shut that path off. The others take the float mask.
     """
+    _fresh_compile_cache()
     torch.manual_seed(seed)
     hand = MultiHeadAttention(d_model, n_heads).to(device=device, dtype=dtype)
     mha = nn.MultiheadAttention(d_model, n_heads, batch_first=True).to(device=device, dtype=dtype)
@@ -90,6 +97,7 @@ def model_implementations(config: ModelConfig, *, device, dtype, seed: int = 0
     `mha` is the oracle `reference.ReferenceDecoderModel`; `sdpa` and `compiled` are the TinyGPT
     model with every block's attention replaced (only the attention changes between them).
     """
+    _fresh_compile_cache()
     torch.manual_seed(seed)
     hand = TinyDecoderModel(config).to(device=device, dtype=dtype)
     reference = ReferenceDecoderModel(config).to(device=device, dtype=dtype)
