@@ -81,7 +81,8 @@ def scaled_dot_product(q, k, v, mask=None, *, dropout_p=0.0, hook=_no_hook):
     mask never does this; only padding can. `hook(name, x)` lets `inspection` observe or replace
     the scores, the masked scores and the weights without touching the maths.
     """
-    scores = hook("scores", einsum(q, k, "b h i d, b h j d -> b h i j") * q.shape[-1] ** -0.5)
+    # Scaling q `(b h i d)`, not the scores `(b h i j)`, spares a pass over the largest tensor.
+    scores = hook("scores", einsum(q * q.shape[-1] ** -0.5, k, "b h i d, b h j d -> b h i j"))
     empty = None
     if mask is not None:
         empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # ... i 1: rows with no visible key
