@@ -30,7 +30,7 @@ from benchmarks.report import markdown_report, plot_results
 from tinygpt.attention import causal_mask
 from tinygpt.config import ModelConfig
 from tinygpt.generate import generate
-from tinygpt.model import next_token_loss
+from tinygpt.model import TinyDecoderModel, next_token_loss
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +58,7 @@ class Plan:
     matmul_sizes: tuple[int, ...]
     budget: Budget
     sweep_budget: Budget
+    compile_options: dict  # for torch.compile
 
 
 # Batch sizes are the issue's: the presets fix context, width and heads.
@@ -78,9 +79,11 @@ FULL = Plan(
     matmul_sizes=(512, 1024, 2048),
     budget=Budget(min_run_time=0.3, max_run_time=1.0),
     sweep_budget=Budget(min_run_time=0.2, max_run_time=0.8),
+    compile_options={"backend": "inductor"},
 )
-# Tiny sizes, one shared shape (so torch.compile's on-disk cache serves the repeats): seconds, and
-# every code path. Its timings mean nothing.
+# Tiny sizes, one shared shape: seconds, and every code path of ours. torch.compile traces with
+# dynamo and AOTAutograd as in the full run but skips inductor's C++ code generation, which alone
+# would take about a minute on a cold cache. Its timings mean nothing.
 QUICK = Plan(
     shapes=tuple(Shape(name, 2, 8, 16, 2) for name in _BATCH),
     sweep_contexts=(8, 16),
@@ -90,6 +93,7 @@ QUICK = Plan(
     matmul_sizes=(64,),
     budget=Budget(min_run_time=0.001, max_run_time=0.01),
     sweep_budget=Budget(min_run_time=0.001, max_run_time=0.01),
+    compile_options={"backend": "aot_eager"},
 )
 
 
@@ -123,10 +127,11 @@ def _input(shape_or_batch, context, d_model, *, device, dtype, seed=0):
     return x.to(device=device, dtype=dtype)
 
 
-def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak) -> list[dict]:
+def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak, compile_options
+                    ) -> list[dict]:
     """Forward (inference_mode) and forward + backward of each implementation at one shape."""
     implementations = attention_implementations(shape.d_model, shape.n_heads, device=device,
-                                                dtype=dtype)
+                                                dtype=dtype, compile_options=compile_options)
     x = _input(shape.batch, shape.context, shape.d_model, device=device, dtype=dtype)
     agreement = check_attention_agreement(implementations, x, dtype=dtype)
     mask = causal_mask(shape.context, device=device).to(dtype)
@@ -159,11 +164,13 @@ def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak) -> li
 def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
     """Forward + backward time and peak memory against context length at one width (batch 1).
 
-    The compiled implementation is built once: torch.compile recompiles once, at the second
-    length, with a dynamic context, then reuses that graph for the longer ones.
+    The compiled implementation is compiled once with a dynamic context length and serves every
+    length (a static graph per length would cost a compilation each).
     """
     d_model, n_heads = plan.sweep_width
-    implementations = attention_implementations(d_model, n_heads, device=device, dtype=dtype)
+    implementations = attention_implementations(
+        d_model, n_heads, device=device, dtype=dtype,
+        compile_options={**plan.compile_options, "dynamic": True})
     rows = []
     for context in plan.sweep_contexts:
         x = _input(1, context, d_model, device=device, dtype=dtype)
@@ -187,11 +194,12 @@ def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
     return rows
 
 
-def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, threads, budget
-                ) -> list[dict]:
+def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, threads, budget,
+                compile_options) -> list[dict]:
     """Training-step tokens/s (forward, loss, backward, AdamW step) of the model with each attention."""
     config = ModelConfig.preset(preset, **{**overrides, "dropout": 0.0})
-    models = model_implementations(config, device=device, dtype=dtype)
+    models = model_implementations(config, device=device, dtype=dtype,
+                                   compile_options=compile_options)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(config.vocab_size, (batch, config.max_seq + 1), generator=generator)
     idx, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
@@ -224,8 +232,8 @@ def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
     """
     preset, prompt_length, new_tokens = plan.generation
     config = ModelConfig.preset(preset, dropout=0.0)
-    models = model_implementations(config, device=device, dtype=torch.float32)
-    model = models["hand"].eval()
+    torch.manual_seed(0)
+    model = TinyDecoderModel(config).to(device).eval()
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(config.vocab_size, (1, prompt_length), generator=generator).to(device)
     has_cache = "use_cache" in inspect.signature(generate).parameters
@@ -274,7 +282,8 @@ def run(plan: Plan, *, quick: bool, threads: int, log=print) -> dict:
     runs, cuda_line = devices()
     log(cuda_line)
     results = {"quick": quick, "machine": machine_facts(threads), "cuda": cuda_line,
-               "implementations": IMPLEMENTATIONS, "reference": REFERENCE, "matmul": [],
+               "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
+               "compile_options": plan.compile_options, "matmul": [],
                "attention": [], "sweep": [], "model": [], "generation": []}
     for device, dtype in runs:
         label = f"{device.type} {_dtype_name(dtype)}"
@@ -286,13 +295,15 @@ def run(plan: Plan, *, quick: bool, threads: int, log=print) -> dict:
             log(f"{label}: attention at {shape.name} (b={shape.batch} t={shape.context} "
                 f"d_model={shape.d_model} h={shape.n_heads})")
             results["attention"] += bench_attention(shape, device, dtype, threads=threads,
-                                                    budget=plan.budget, peak=roof["flops_per_s"])
+                                                    budget=plan.budget, peak=roof["flops_per_s"],
+                                                    compile_options=plan.compile_options)
         log(f"{label}: context sweep {plan.sweep_contexts[0]}..{plan.sweep_contexts[-1]}")
         results["sweep"] += bench_sweep(plan, device, dtype, threads=threads)
         for preset, batch, overrides in plan.model_configs:
             log(f"{label}: training step, {preset} model")
             results["model"] += bench_model(preset, batch, overrides, device, dtype,
-                                            threads=threads, budget=plan.budget)
+                                            threads=threads, budget=plan.budget,
+                                            compile_options=plan.compile_options)
         if dtype == torch.float32:
             log(f"{label}: generation")
             results["generation"] += bench_generation(plan, device, threads=threads,

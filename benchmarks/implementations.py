@@ -68,12 +68,13 @@ def fused_twin(hand: MultiHeadAttention) -> FusedAttention:
     return fused.train(hand.training)
 
 
-def attention_implementations(d_model: int, n_heads: int, *, device, dtype, seed: int = 0
-                              ) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+def attention_implementations(d_model: int, n_heads: int, *, device, dtype, compile_options: dict,
+                              seed: int = 0) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     """name -> `f(x (b t (h d)), causal_mask (i j)) -> out (b t (h d))`, all sharing one set of weights.
 
     `mha` gets the boolean twin of the mask (True = blocked) so that, in inference mode, it can take
     its native fast path: a float mask would shut that path off. The others take the float mask.
+    `compile_options` go to `torch.compile` (backend, dynamic).
     """
     _fresh_compile_cache()
     torch.manual_seed(seed)
@@ -81,7 +82,7 @@ def attention_implementations(d_model: int, n_heads: int, *, device, dtype, seed
     mha = nn.MultiheadAttention(d_model, n_heads, batch_first=True).to(device=device, dtype=dtype)
     copy_weights(hand, mha)
     fused = fused_twin(hand)
-    compiled = torch.compile(hand)
+    compiled = torch.compile(hand, **compile_options)
     return {
         "hand": lambda x, mask: hand(x, attn_mask=mask)[0],
         "mha": lambda x, mask: mha(x, x, x, attn_mask=torch.isinf(mask), need_weights=False)[0],
@@ -90,8 +91,8 @@ def attention_implementations(d_model: int, n_heads: int, *, device, dtype, seed
     }
 
 
-def model_implementations(config: ModelConfig, *, device, dtype, seed: int = 0
-                          ) -> dict[str, nn.Module]:
+def model_implementations(config: ModelConfig, *, device, dtype, compile_options: dict,
+                          seed: int = 0) -> dict[str, nn.Module]:
     """name -> a whole decoder `(b t) ids -> (b t v) logits` with that attention, same weights.
 
     `mha` is the oracle `reference.ReferenceDecoderModel`; `sdpa` and `compiled` are the TinyGPT
@@ -106,7 +107,7 @@ def model_implementations(config: ModelConfig, *, device, dtype, seed: int = 0
     for block in fused.blocks:
         block.attention = fused_twin(block.attention)
     for block in compiled.blocks:
-        block.attention = torch.compile(block.attention)
+        block.attention = torch.compile(block.attention, **compile_options)
     return {"hand": hand, "mha": reference, "sdpa": fused, "compiled": compiled}
 
 

@@ -34,7 +34,9 @@ def markdown_report(results: dict) -> str:
     out.append(f"CPU: {machine['cpu']} ({machine['cpu_capability']}), {machine['threads']} "
                f"threads; torch {machine['torch']}; Python {machine['python']}; "
                f"GPU: {machine['gpu'] or 'none'}.  ")
-    out.append(results["cuda"])
+    out.append(results["cuda"] + "  ")
+    options = ", ".join(f"{k}={v}" for k, v in results["compile_options"].items())
+    out.append(f"torch.compile({options}); the context sweep adds dynamic=True.")
     out.append("")
     out.append("Times are medians of torch.utils.benchmark blocks (IQR = spread between quartiles). "
                "`x MHA` = median / nn.MultiheadAttention's median in the same run (< 1 is faster). "
