@@ -28,28 +28,14 @@ from tinygpt.inspection import (  # noqa: E402
     run_with_cache,
 )
 from tinygpt.pictures import attention_patterns, display_token, plot_attention_grid  # noqa: E402
+from tinygpt.tokenizer import CharTokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?"
-
-
-class Chars:
-    """The smallest character tokenizer the figures need (the project's own lives in tinygpt)."""
-
-    def __init__(self, text: str):
-        self.chars = sorted(set(text))
-        self.index = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index[c] for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
+PROMPT = "ROMEO:\nBut soft, what light"
 
 
 def train(text: str, steps: int, seed: int = 0):
-    tokenizer = Chars(text)
+    tokenizer = CharTokenizer.from_text(text)
     ids = torch.tensor(tokenizer.encode(text))
     split = int(0.9 * len(ids))
     torch.manual_seed(seed)
@@ -76,7 +62,7 @@ def train(text: str, steps: int, seed: int = 0):
 
 def step_figure(model, tokenizer, path: Path, layer: int, head: int) -> None:
     """Scores, masked scores and weights of one head: the three steps of the tour side by side."""
-    ids = tokenizer.encode(PROMPT[:24])
+    ids = tokenizer.encode(PROMPT)
     prefix = f"blocks.{layer}.attention.hook_"
     _, cache = run_with_cache(model, torch.tensor([ids]),
                               [prefix + n for n in ("scores", "masked_scores", "pattern")])
@@ -102,6 +88,8 @@ def main() -> None:
     parser.add_argument("--corpus", default=os.environ.get("TINYGPT_TINYSHAKESPEARE"))
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--save-run", type=Path, default=None,
+                        help="also save the trained model as a run, for the tinygpt commands")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a busy 2-core box two threads that "
                         "fight for the cores measured 10x slower than one)")
@@ -118,6 +106,11 @@ def main() -> None:
         if not args.corpus:
             parser.error("give --corpus FILE (or set TINYGPT_TINYSHAKESPEARE) or --checkpoint RUN")
         model, tokenizer, held_out = train(Path(args.corpus).read_text(encoding="utf-8"), args.steps)
+        if args.save_run:
+            from tinygpt.checkpoint import save_checkpoint
+
+            print("saved", save_checkpoint(args.save_run, model=model, tokenizer=tokenizer,
+                                           step=args.steps))
 
     ids = tokenizer.encode(PROMPT)[-model.config.max_seq:]
     tokens = [tokenizer.decode([i]) for i in ids]

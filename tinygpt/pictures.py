@@ -53,7 +53,7 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     _check(patterns, tokens)
     n_layers, n_heads, t, _ = patterns.shape
     labels = [display_token(tok) for tok in tokens]
-    cell = max(2.2, 0.16 * t)
+    cell = max(2.2, 0.11 * t)
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(cell * n_heads + 1, cell * n_layers + 0.6),
                              squeeze=False, constrained_layout=True)
     for layer in range(n_layers):
@@ -68,7 +68,7 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -166,7 +166,8 @@ function makePanel(name, layer, head) {
   return root;
 }
 
-function color(w) {  // white -> dark blue
+function color(w) {  // white -> dark blue; the square root keeps diffuse rows visible
+  w = Math.sqrt(w);
   const r = Math.round(255 - 230 * w), g = Math.round(255 - 180 * w), b = Math.round(255 - 60 * w);
   return "rgb(" + r + "," + g + "," + b + ")";
 }
@@ -180,7 +181,7 @@ function render(panel) {
     cell.classList.toggle("future", j > query);
     if (j <= query) {
       cell.style.background = color(weights[j]);
-      cell.style.color = weights[j] > 0.55 ? "#fff" : "";
+      cell.style.color = weights[j] > 0.3 ? "#fff" : "";
       cell.dataset.weight = String(weights[j]);
       w.textContent = weights[j].toFixed(3);
     } else {
