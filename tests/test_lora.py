@@ -109,3 +109,19 @@ def test_bad_settings_and_paths_are_clear_errors(tmp_path):
         load_lora(_base(), tmp_path)
     with pytest.raises(ValueError, match="the corpus has 5 tokens"):
         finetune(add_lora(_base(), LoraSettings()), torch.arange(5), steps=1)
+
+
+def test_reference_with_hand_applied_adapters_equals_the_adapted_model(trained):
+    from reference import ReferenceDecoderModel, copy_weights
+    from reference.lora import add_lora_to_reference
+
+    base, _, adapted, _, _ = trained
+    reference = ReferenceDecoderModel(base.config).eval()
+    copy_weights(base, reference)
+    idx = _idx()
+    with torch.no_grad():
+        assert not torch.allclose(reference(idx), adapted(idx), atol=1e-3)  # the adapters matter
+        changed = add_lora_to_reference(reference, adapted)
+        assert len(changed) == 2 * 4 + 1
+        assert "blocks.0.attention.in_proj_weight" in changed
+        torch.testing.assert_close(reference(idx), adapted(idx), rtol=1e-5, atol=1e-5)
