@@ -141,8 +141,10 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
                       seed=args.seed)
     out = save_lora(adapted, args.out if args.out is not None else Path(run) / "lora")
     if losses:
-        print(f"LoRA rank {settings.rank} on {', '.join(settings.targets)}: "
-              f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {len(losses)} steps")
+        k = max(1, len(losses) // 10)  # one batch is noisy: compare the first and last tenths
+        print(f"LoRA rank {settings.rank} on {', '.join(settings.targets)}: mean loss "
+              f"{sum(losses[:k]) / k:.4f} (first {k} steps) -> {sum(losses[-k:]) / k:.4f} "
+              f"(last {k}) in {len(losses)} steps")
     print(f"wrote adapters to {out}")
 
 
