@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test summary clean chromium
+.PHONY: install test summary clean chromium figures
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
 	  else echo "/usr/bin/chromium is missing: run 'sudo apt-get install -y chromium' for the browser test"; fi; \
 	fi
+
+# The README heatmap and the tour's figures (trains a small model for a few minutes).
+figures: $(STAMP)
+	$(PY) docs/make_figures.py
 
 summary: $(STAMP)
 	$(VENV)/bin/tinygpt summary --config seed

@@ -47,7 +47,11 @@ def test_hook_names_cover_every_documented_point_in_forward_order():
             assert f"blocks.{layer}.hook_{name}" in names
         for name in PER_ATTENTION:
             assert f"blocks.{layer}.attention.hook_{name}" in names
-    assert names.index("blocks.0.hook_resid_post") < names.index("blocks.1.hook_resid_pre")
+    # The order is the one a forward pass really fires them in.
+    fired = []
+    record = lambda name: lambda x: fired.append(name)  # noqa: E731
+    run_with_interventions(model, _ids(model), {name: record(name) for name in names})
+    assert fired == names
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -24,11 +24,22 @@ CHROMIUM_ARGS = [
 pytestmark = pytest.mark.browser
 
 
+def missing_chromium_outcome(environ) -> str:
+    """What to do without chromium: fail in CI (CI set, as CI systems do), skip on a laptop."""
+    return "fail" if environ.get("CI") else "skip"
+
+
+def test_missing_chromium_fails_in_ci_and_skips_elsewhere():
+    assert missing_chromium_outcome({"CI": "true"}) == "fail"
+    assert missing_chromium_outcome({"CI": "1"}) == "fail"
+    assert missing_chromium_outcome({}) == "skip"
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing; run `make chromium` (apt-get install -y chromium)."
-        if os.environ.get("CI"):
+        if missing_chromium_outcome(os.environ) == "fail":
             pytest.fail(message)
         pytest.skip(message)
     from playwright.sync_api import sync_playwright

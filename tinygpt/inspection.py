@@ -7,6 +7,8 @@ one call and always removed afterwards, so a model with no call in flight is unt
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tinygpt.attention import HookPoint
+from tinygpt.attention import HookPoint, MultiHeadAttention
 from tinygpt.model import TinyDecoderModel, next_token_loss
 
 # A hook function gets the activation and returns a replacement, or None to leave it as it is.
@@ -23,9 +25,27 @@ HookFn = Callable[[Tensor], Tensor | None]
 HEAD_KINDS = ("previous-token", "first-token", "self")
 
 
+# Where each hook point of a block fires in its forward pass (registration order differs:
+# the attention's hooks are registered before the block's own).
+_BLOCK_ORDER = (
+    "hook_resid_pre",
+    *(f"attention.hook_{name}" for name in MultiHeadAttention.HOOKS),
+    "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+)
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _forward_rank(name: str) -> tuple[int, int]:
+    match = _BLOCK_NAME.match(name)
+    if match is None or match.group(2) not in _BLOCK_ORDER:
+        return (sys.maxsize, 0)
+    return (int(match.group(1)), _BLOCK_ORDER.index(match.group(2)))
+
+
 def hook_names(model: nn.Module) -> list[str]:
     """Every observation point of `model`, in the order a forward pass reaches them."""
-    return [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
+    names = [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
+    return sorted(names, key=_forward_rank)
 
 
 def _hook_points(model: nn.Module, names: Iterable[str]) -> dict[str, HookPoint]:
