@@ -98,6 +98,12 @@ def test_finetune_saves_adapters_beside_the_base_and_leaves_it_untouched(run, tm
     with torch.no_grad():
         assert not torch.allclose(adapted(idx), base(idx), atol=1e-4)
         torch.testing.assert_close(merge_lora(adapted)(idx), adapted(idx), rtol=1e-5, atol=1e-5)
+    # The adapters are usable from the command line too: heads on the merged model.
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus), "--windows", "2",
+                 "--lora", str(adapters)]) == 0
+    with_lora = capsys.readouterr().out
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus), "--windows", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] != with_lora.splitlines()[0]
 
 
 def test_finetune_rejects_an_unknown_target(run, capsys):

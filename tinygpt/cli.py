@@ -68,7 +68,12 @@ def _inspection_checkpoint(args: argparse.Namespace):
     from tinygpt.checkpoint import latest_run, load_checkpoint
 
     run = args.checkpoint if args.checkpoint is not None else latest_run(args.runs_dir)
-    return run, load_checkpoint(run, device=_inspection_device(args.device))
+    ckpt = load_checkpoint(run, device=_inspection_device(args.device))
+    if getattr(args, "lora", None) is not None:
+        from tinygpt.lora import load_lora, merge_lora
+
+        ckpt.model = merge_lora(load_lora(ckpt.model, args.lora))
+    return run, ckpt
 
 
 def _read_corpus(path: str) -> str:
@@ -173,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="validation windows of max_seq tokens (default: 32)")
     heads.add_argument("--threshold", type=float, default=0.4,
                        help="score a head needs to be given a kind (default: 0.4)")
+    heads.add_argument("--lora", default=None, metavar="DIR",
+                       help="merge these adapters (from tinygpt finetune) into the model first")
     heads.set_defaults(run=_cmd_heads)
 
     inspect = commands.add_parser("inspect", help="draw every head's attention on a prompt")
@@ -180,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--prompt", required=True, help="text whose attention is drawn")
     inspect.add_argument("--out", default=None, help="PNG grid of heatmaps, layers by heads")
     inspect.add_argument("--html", default=None, help="self-contained interactive HTML page")
+    inspect.add_argument("--lora", default=None, metavar="DIR",
+                         help="merge these adapters (from tinygpt finetune) into the model first")
     inspect.set_defaults(run=_cmd_inspect)
 
     lora = commands.add_parser("finetune", help="fine-tune LoRA adapters on a corpus (peft)")

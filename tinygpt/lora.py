@@ -65,11 +65,12 @@ def finetune(peft_model: nn.Module, ids: Tensor, *, steps: int, batch_size: int 
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     offsets = torch.arange(max_seq + 1)
+    device = next(peft_model.parameters()).device
     peft_model.train()
     losses = []
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - max_seq - 1, (batch_size, 1), generator=generator)
-        rows = ids[starts + offsets]  # b (t+1)
+        rows = ids[starts + offsets].to(device)  # b (t+1)
         loss = next_token_loss(peft_model(rows[:, :-1]), rows[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
