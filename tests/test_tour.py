@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 TOUR = Path(__file__).resolve().parent.parent / "docs" / "tour.md"
 
 
@@ -20,7 +22,14 @@ def test_every_snippet_of_the_tour_runs_in_order(tmp_path, monkeypatch):
     assert len(blocks) >= 10
     monkeypatch.chdir(tmp_path)  # the tour writes its pictures to the working directory
     namespace: dict = {"__name__": "tour"}
-    for number, block in enumerate(blocks, start=1):
-        code = compile(block, f"docs/tour.md block {number}", "exec")
-        exec(code, namespace)  # noqa: S102 - running the tour is the point of this test
+    # The tour's matrices are tiny: one thread is barely slower on an idle machine and an order of
+    # magnitude faster on a busy one, where two threads fight over the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for number, block in enumerate(blocks, start=1):
+            code = compile(block, f"docs/tour.md block {number}", "exec")
+            exec(code, namespace)  # noqa: S102 - running the tour is the point of this test
+    finally:
+        torch.set_num_threads(threads)
     assert (tmp_path / "attn.png").is_file() and (tmp_path / "attn.html").is_file()
