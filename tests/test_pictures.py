@@ -62,3 +62,12 @@ def test_html_is_self_contained_and_embeds_the_weights():
     row = data["patterns"][1][2][6]
     assert len(row) == 7
     torch.testing.assert_close(torch.tensor(row), patterns[1, 2, 6, :7], atol=1e-6, rtol=0)
+
+
+def test_long_prompts_get_sparser_labels_not_a_giant_figure(tmp_path):
+    t = 200
+    patterns = torch.ones(1, 1, t, t).tril() / torch.arange(1, t + 1).view(t, 1)
+    short = plot_attention_grid(patterns[..., :64, :64], ["x"] * 64, tmp_path / "short.png")
+    long = plot_attention_grid(patterns, ["x"] * t, tmp_path / "long.png")
+    short_width = matplotlib.image.imread(short).shape[1]
+    assert matplotlib.image.imread(long).shape[1] <= 1.2 * short_width
