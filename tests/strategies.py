@@ -144,11 +144,11 @@ ATTENTION_EXAMPLES = (
 )
 
 
-def with_examples(cases, argument: str = "case", *, keep=lambda case: True):
-    """Decorate a @given test with the example cases that `keep` accepts."""
+def with_examples(cases, *, keep=lambda case: True, **others):
+    """Decorate a @given test with `@example(case=c, **others)` for each case `keep` accepts."""
     def decorate(test):
         for case in reversed([c for c in cases if keep(c)]):
-            test = example(**{argument: case})(test)
+            test = example(case=case, **others)(test)
         return test
     return decorate
 
