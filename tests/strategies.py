@@ -73,7 +73,7 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 @st.composite
-def model_configs(draw, *, min_d_model: int = 1, max_seq: int = 32, max_layers: int = 2,
+def model_configs(draw, *, min_d_model: int = 1, max_seq: int = 64, max_layers: int = 2,
                   heads=HEADS) -> ModelConfig:
     """A ModelConfig with d_model = heads x d_head, both norm placements, both activations and the
     seed quirk on and off. `min_d_model >= 2` keeps LayerNorm away from a single feature."""

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from strategies import FORWARD_TOL, MODEL_EXAMPLES, model_cases, model_pair, with_examples
 
@@ -65,6 +65,7 @@ def build(case, which: str):
     return hand if which == "hand" else reference
 
 
+@settings(max_examples=150)
 @given(case=model_cases(), which=st.sampled_from(BUILDS), train=st.booleans(), p=st.integers(0, 63))
 @with_examples(MODEL_EXAMPLES, which="hand", train=False, p=0)
 @with_examples(MODEL_EXAMPLES, which="reference-bool", train=False, p=5)
@@ -80,9 +81,10 @@ def test_future_tokens_leave_past_logits_bit_identical(case, which, train, p):
         assert perturbation_leak(model, idx, position, case.seed) == 0.0
 
 
-@given(case=model_cases(dtypes=(torch.float64,), min_d_model=2, max_seq=16),
+@settings(max_examples=75)
+@given(case=model_cases(dtypes=(torch.float64,), min_d_model=2, max_seq=32),
        which=st.sampled_from(BUILDS))
-@with_examples([c for c in MODEL_EXAMPLES if c.dtype == torch.float64 and c.t <= 16],
+@with_examples([c for c in MODEL_EXAMPLES if c.dtype == torch.float64],
                which="reference")
 def test_gradient_wrt_future_embeddings_is_exactly_zero(case, which):
     """d logits[:, t] / d embedding[:, s] is exactly 0 for every s > t, and nonzero before."""
