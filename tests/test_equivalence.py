@@ -409,7 +409,10 @@ def test_copy_weights_refuses_non_pairs():
     config = MODEL_EXAMPLES[2].config
     hand, reference = model_pair(config, torch.float32, 0)
     other_hand, other_reference = model_pair(config, torch.float32, 1)
+    attention = MultiHeadAttention(config.d_model, config.n_heads)
     for src, dst in ((hand, other_hand), (reference, other_reference),
-                     (MultiHeadAttention(8, 2), MultiHeadAttention(8, 2))):
+                     (MultiHeadAttention(8, 2), MultiHeadAttention(8, 2)),
+                     (attention, nn.Linear(config.d_model, config.d_model)),
+                     (hand, reference.blocks[0].attention), (reference, attention)):
         with pytest.raises(TypeError, match="hand-written module and its reference twin"):
             copy_weights(src, dst)
