@@ -31,7 +31,8 @@ def assert_golden(name: str, candidate32, reference32, reference64) -> None:
     own_error = (reference32.double() - golden).abs().max().item()
     error = (candidate32.double() - golden).abs().max().item()
     bound = max(GOLDEN_FLOOR, GOLDEN_FUDGE * own_error)
-    assert error <= bound, f"{name}: fp32 error {error:.3g} > {bound:.3g} (reference's own {own_error:.3g})"
+    assert error <= bound, (
+        f"{name}: fp32 error {error:.3g} > {bound:.3g} (reference's own {own_error:.3g})")
 
 
 @dataclass(frozen=True)

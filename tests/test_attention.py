@@ -138,7 +138,8 @@ def test_gradcheck_and_gradgradcheck_in_fast_mode():
 @given(d_model=st.integers(2, 64), n_heads=st.integers(2, 16))
 def test_heads_must_divide_d_model(d_model, n_heads):
     if d_model % n_heads:
-        with pytest.raises(ValueError, match=rf"d_model \({d_model}\) must be divisible by n_heads \({n_heads}\)"):
+        message = rf"d_model \({d_model}\) must be divisible by n_heads \({n_heads}\)"
+        with pytest.raises(ValueError, match=message):
             MultiHeadAttention(d_model, n_heads)
     else:
         assert MultiHeadAttention(d_model, n_heads).n_heads == n_heads

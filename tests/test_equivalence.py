@@ -6,6 +6,7 @@ weights in the two builds). Tolerances are issue 2's, kept in `strategies`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -37,7 +38,10 @@ def attention_pair(case, *, source: str = "hand"):
     torch.manual_seed(case.seed)
     hand = MultiHeadAttention(case.d_model, case.n_heads).to(case.dtype)
     reference = nn.MultiheadAttention(case.d_model, case.n_heads, batch_first=True, dtype=case.dtype)
-    copy_weights(hand, reference) if source == "hand" else copy_weights(reference, hand)
+    if source == "hand":
+        copy_weights(hand, reference)
+    else:
+        copy_weights(reference, hand)
     return hand, reference
 
 
@@ -59,8 +63,8 @@ def attention_masks(case, kind: str, boolean: bool):
             hand["key_padding_mask"] = reference["key_padding_mask"] = is_pad
         else:
             hand["key_padding_mask"] = additive_mask(is_pad, case.dtype)
-            reference["key_padding_mask"] = torch.zeros(case.batch, case.t, dtype=case.dtype).masked_fill(
-                is_pad, float("-inf"))
+            zeros = torch.zeros(case.batch, case.t, dtype=case.dtype)
+            reference["key_padding_mask"] = zeros.masked_fill(is_pad, float("-inf"))
     return hand, reference
 
 
@@ -196,7 +200,7 @@ def test_attention_matches_mha_with_fast_path_disabled(case, kind):
 def test_attention_with_large_weights_meets_pytorch_fp32_rule(case, scale, kind):
     """Weights far from their initial spread (as after training): fp32 error against a float64
     run of MHA is at most max(1e-5, 5 x MHA's own fp32 error), for outputs and all gradients."""
-    case64 = type(case)(**{**case.__dict__, "dtype": torch.float64})
+    case64 = replace(case, dtype=torch.float64)
     _, reference64 = attention_pair(case64)
     generator = torch.Generator().manual_seed(case.seed + 2)
     with torch.no_grad():
@@ -394,8 +398,6 @@ def test_state_dict_round_trip_is_bitwise():
 
 
 def test_copy_weights_refuses_a_config_mismatch():
-    from dataclasses import replace
-
     config = MODEL_EXAMPLES[2].config
     hand, _ = model_pair(config, torch.float32, 0)
     _, other = model_pair(replace(config, vocab_size=config.vocab_size + 1), torch.float32, 0)

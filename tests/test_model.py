@@ -30,11 +30,13 @@ def test_forward_gives_finite_logits_of_shape_b_t_v(case):
 BAD_INPUTS = {
     "id = vocab_size": (torch.tensor([[0, 40]]), r"token id 40 is outside the vocabulary 0\.\.39"),
     "negative id": (torch.tensor([[-1, 3]]), r"token id -1 is outside the vocabulary 0\.\.39"),
-    "t > max_seq": (torch.zeros(1, 33, dtype=torch.long), r"sequence length 33 is outside 1\.\.max_seq=32"),
+    "t > max_seq": (torch.zeros(1, 33, dtype=torch.long),
+                    r"sequence length 33 is outside 1\.\.max_seq=32"),
     "t = 0": (torch.zeros(1, 0, dtype=torch.long), r"sequence length 0 is outside 1\.\.max_seq=32"),
     "float ids": (torch.zeros(1, 4), r"int64 or int32 tensor, got dtype torch\.float32"),
     "bool ids": (torch.zeros(1, 4, dtype=torch.bool), r"int64 or int32 tensor, got dtype torch\.bool"),
-    "uint8 ids": (torch.zeros(1, 4, dtype=torch.uint8), r"int64 or int32 tensor, got dtype torch\.uint8"),
+    "uint8 ids": (torch.zeros(1, 4, dtype=torch.uint8),
+                  r"int64 or int32 tensor, got dtype torch\.uint8"),
     "1-D ids": (torch.zeros(4, dtype=torch.long), r"shape \(batch, time\), got \(4,\)"),
     "3-D ids": (torch.zeros(1, 2, 3, dtype=torch.long), r"shape \(batch, time\), got \(1, 2, 3\)"),
 }
