@@ -193,13 +193,14 @@ def test_attention_matches_mha_with_fast_path_disabled(case, kind):
 
 
 @settings(max_examples=100)
-@given(case=attention_cases(dtypes=(torch.float32,)), scale=st.sampled_from((0.3, 1.0, 3.0)),
+@given(case=attention_cases(dtypes=(torch.float32,)), scale=st.sampled_from((0.3, 1.0)),
        kind=st.sampled_from(MASK_KINDS))
 @with_examples(ATTENTION_EXAMPLES, keep=lambda case: case.dtype == torch.float32, scale=1.0,
                kind="both")
 def test_attention_with_large_weights_meets_pytorch_fp32_rule(case, scale, kind):
-    """Weights far from their initial spread (as after training): fp32 error against a float64
-    run of MHA is at most max(1e-5, 5 x MHA's own fp32 error), for outputs and all gradients."""
+    """Weights far from their initial spread, as after training (noise N(0, 0.3²) or N(0, 1) added
+    to every parameter): fp32 error against a float64 run of MHA is at most max(1e-5, 5 x MHA's
+    own fp32 error), for the output, the per-head weights and all gradients."""
     case64 = replace(case, dtype=torch.float64)
     _, reference64 = attention_pair(case64)
     generator = torch.Generator().manual_seed(case.seed + 2)
@@ -279,7 +280,8 @@ def test_model_matches_reference(case, source):
 @given(case=model_cases(dtypes=(torch.float32,), min_d_model=2), scale=st.sampled_from((0.3, 1.0)))
 @with_examples(MODEL_EXAMPLES, keep=lambda case: case.dtype == torch.float32, scale=1.0)
 def test_model_with_large_weights_meets_pytorch_fp32_rule(case, scale):
-    """Trained-looking weights in fp32: logits and every gradient within PyTorch's golden rule."""
+    """Trained-looking weights in fp32 (N(0, 0.3²) or N(0, 1) added): logits and every gradient
+    within PyTorch's golden rule."""
     hand64, reference64 = model_pair(case.config, torch.float64, case.seed)
     generator = torch.Generator().manual_seed(case.seed + 2)
     with torch.no_grad():
