@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,8 +78,8 @@ FULL = Plan(
     model_configs=(("seed", 32, {}), ("shakespeare-cpu", 12, {})),
     generation=("shakespeare-cpu", 8, 56),
     matmul_sizes=(512, 1024, 2048),
-    budget=Budget(min_run_time=0.3, max_run_time=1.0),
-    sweep_budget=Budget(min_run_time=0.2, max_run_time=0.8),
+    budget=Budget(rounds=5, round_time=0.1),
+    sweep_budget=Budget(rounds=3, round_time=0.1),
     compile_options={"backend": "inductor"},
 )
 # Tiny sizes, one shared shape: seconds, and every code path of ours. torch.compile traces with
@@ -91,8 +92,8 @@ QUICK = Plan(
     model_configs=(("seed", 2, dict(d_model=16, n_heads=2, d_ff=32, max_seq=8)),),
     generation=("seed", 2, 4),
     matmul_sizes=(64,),
-    budget=Budget(min_run_time=0.001, max_run_time=0.01),
-    sweep_budget=Budget(min_run_time=0.001, max_run_time=0.01),
+    budget=Budget(rounds=2, round_time=0.001),
+    sweep_budget=Budget(rounds=2, round_time=0.001),
     compile_options={"backend": "aot_eager"},
 )
 
@@ -137,26 +138,27 @@ def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak, compi
     mask = causal_mask(shape.context, device=device).to(dtype)
     x.requires_grad_(True)
     grad_out = torch.randn_like(x)
+
+    def forward(run):
+        with torch.inference_mode():
+            run(x, mask)
+
+    def forward_backward(run):
+        run(x, mask).backward(grad_out)
+
     rows = []
-    for name, run in implementations.items():
-        def forward(run=run):
-            with torch.inference_mode():
-                run(x, mask)
-
-        def forward_backward(run=run):
-            run(x, mask).backward(grad_out)
-
-        for pass_name, fn, backward in (("forward", forward, False),
-                                        ("forward+backward", forward_backward, True)):
-            timing = measure(fn, threads=threads, budget=budget)
-            flops = attention_flops(shape.batch, shape.context, shape.d_model, backward=backward)
-            rows.append({
-                **dataclasses.asdict(shape), "device": device.type, "dtype": _dtype_name(dtype),
-                "impl": name, "pass": pass_name, **timing.to_dict(), "flops": flops,
-                "flops_per_s": flops / timing.median_s,
-                "fraction_of_matmul": flops / timing.median_s / peak,
-                "max_abs_diff_vs_mha": agreement[name],
-            })
+    for pass_name, step, backward in (("forward", forward, False),
+                                      ("forward+backward", forward_backward, True)):
+        timings = measure({name: partial(step, run) for name, run in implementations.items()},
+                          threads=threads, budget=budget)
+        flops = attention_flops(shape.batch, shape.context, shape.d_model, backward=backward)
+        rows += [{
+            **dataclasses.asdict(shape), "device": device.type, "dtype": _dtype_name(dtype),
+            "impl": name, "pass": pass_name, **timing.to_dict(), "flops": flops,
+            "flops_per_s": flops / timing.median_s,
+            "fraction_of_matmul": flops / timing.median_s / peak,
+            "max_abs_diff_vs_mha": agreement[name],
+        } for name, timing in timings.items()]
     _add_ratios(rows, keys=("name", "device", "dtype", "pass"))
     return rows
 
@@ -178,18 +180,19 @@ def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
         mask = causal_mask(context, device=device).to(dtype)
         x.requires_grad_(True)
         grad_out = torch.randn_like(x)
-        for name, run in implementations.items():
-            def forward_backward(run=run):
-                run(x, mask).backward(grad_out)
 
-            timing = measure(forward_backward, threads=threads, budget=plan.sweep_budget, warmup=1)
-            rows.append({
-                "context": context, "batch": 1, "d_model": d_model, "n_heads": n_heads,
-                "device": device.type, "dtype": _dtype_name(dtype), "impl": name,
-                "pass": "forward+backward", **timing.to_dict(),
-                "peak_bytes": peak_memory(forward_backward, device),
-                "max_abs_diff_vs_mha": agreement[name],
-            })
+        def forward_backward(run):
+            run(x, mask).backward(grad_out)
+
+        steps = {name: partial(forward_backward, run) for name, run in implementations.items()}
+        timings = measure(steps, threads=threads, budget=plan.sweep_budget, warmup=1)
+        rows += [{
+            "context": context, "batch": 1, "d_model": d_model, "n_heads": n_heads,
+            "device": device.type, "dtype": _dtype_name(dtype), "impl": name,
+            "pass": "forward+backward", **timing.to_dict(),
+            "peak_bytes": peak_memory(steps[name], device),
+            "max_abs_diff_vs_mha": agreement[name],
+        } for name, timing in timings.items()]
     _add_ratios(rows, keys=("context", "device", "dtype"))
     return rows
 
@@ -204,22 +207,21 @@ def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, thre
     tokens = torch.randint(config.vocab_size, (batch, config.max_seq + 1), generator=generator)
     idx, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
     agreement = check_model_agreement(models, idx, dtype=dtype)
-    rows = []
-    for name, model in models.items():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-        def train_step(model=model, optimizer=optimizer):
-            optimizer.zero_grad(set_to_none=True)
-            next_token_loss(model(idx), targets).backward()
-            optimizer.step()
+    def train_step(model, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        next_token_loss(model(idx), targets).backward()
+        optimizer.step()
 
-        timing = measure(train_step, threads=threads, budget=budget)
-        rows.append({
-            "config": preset, "batch": batch, "context": config.max_seq, "device": device.type,
-            "dtype": _dtype_name(dtype), "impl": name, **timing.to_dict(),
-            "tokens_per_s": batch * config.max_seq / timing.median_s,
-            "max_abs_diff_vs_mha": agreement[name],
-        })
+    steps = {name: partial(train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+             for name, model in models.items()}
+    timings = measure(steps, threads=threads, budget=budget)
+    rows = [{
+        "config": preset, "batch": batch, "context": config.max_seq, "device": device.type,
+        "dtype": _dtype_name(dtype), "impl": name, **timing.to_dict(),
+        "tokens_per_s": batch * config.max_seq / timing.median_s,
+        "max_abs_diff_vs_mha": agreement[name],
+    } for name, timing in timings.items()]
     _add_ratios(rows, keys=("config", "device", "dtype"))
     return rows
 
@@ -237,16 +239,19 @@ def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(config.vocab_size, (1, prompt_length), generator=generator).to(device)
     has_cache = "use_cache" in inspect.signature(generate).parameters
+    settings = [True, False] if has_cache else [False]
+    options = lambda use_cache: {"use_cache": use_cache} if has_cache else {}  # noqa: E731
+    timings = measure({use_cache: partial(generate, model, prompt, new_tokens, temperature=0,
+                                          **options(use_cache)) for use_cache in settings},
+                      threads=threads, budget=budget, warmup=1)
     rows = []
     for use_cache in (False, True):
         row = {"config": preset, "device": device.type, "dtype": "float32", "batch": 1,
                "prompt": prompt_length, "new_tokens": new_tokens, "use_cache": use_cache}
-        if use_cache and not has_cache:
+        if use_cache not in timings:
             rows.append({**row, "missing": "tinygpt.generate.generate has no use_cache yet"})
             continue
-        options = {"use_cache": use_cache} if has_cache else {}
-        timing = measure(lambda: generate(model, prompt, new_tokens, temperature=0, **options),
-                         threads=threads, budget=budget, warmup=1)
+        timing = timings[use_cache]
         rows.append({**row, **timing.to_dict(), "tokens_per_s": new_tokens / timing.median_s})
     return rows
 

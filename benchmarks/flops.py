@@ -38,7 +38,7 @@ def matmul_throughput(sizes: tuple[int, ...], *, device, dtype, threads: int, bu
         generator = torch.Generator(device="cpu").manual_seed(n)
         a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
         b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
-        timing = measure(lambda: torch.mm(a, b), threads=threads, budget=budget)
+        timing = measure({"mm": lambda: torch.mm(a, b)}, threads=threads, budget=budget)["mm"]
         flops_per_s = 2 * n**3 / timing.median_s
         if best is None or flops_per_s > best["flops_per_s"]:
             best = {"n": n, "flops_per_s": flops_per_s, **timing.to_dict()}

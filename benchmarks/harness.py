@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import platform
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -14,7 +15,8 @@ from torch.utils import benchmark
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: the median over timed blocks, their interquartile range, and how many."""
+    """Seconds per call: the median over timed blocks, their interquartile range, how many blocks
+    and the calls per block (of the first round; later rounds re-estimate it)."""
 
     median_s: float
     iqr_s: float
@@ -27,26 +29,39 @@ class Timing:
 
 @dataclass(frozen=True)
 class Budget:
-    """How long `measure` may keep repeating: it stops once iqr/median < `threshold` after
-    `min_run_time` seconds, and in any case after `max_run_time` seconds."""
+    """How long `measure` spends per function: `rounds` rounds of `blocked_autorange`, each
+    running for at least `round_time` seconds."""
 
-    min_run_time: float
-    max_run_time: float
-    threshold: float = 0.1
+    rounds: int
+    round_time: float
 
 
-def measure(fn: Callable[[], object], *, threads: int, budget: Budget, warmup: int = 2) -> Timing:
-    """Time `fn()` with `Timer.adaptive_autorange`, after `warmup` untimed calls.
+def measure(functions: dict[str, Callable[[], object]], *, threads: int, budget: Budget,
+            warmup: int = 2) -> dict[str, Timing]:
+    """Time each function with `torch.utils.benchmark`, interleaved: round after round, every
+    function gets one `Timer.blocked_autorange`; its median and IQR come from all its blocks.
 
-    The warm-up absorbs one-off costs (torch.compile, allocator growth, lazy CUDA init); the Timer
-    synchronises CUDA around every block and runs with exactly `threads` threads.
+    On a shared machine, load comes and goes; interleaving spreads it over every function alike,
+    so the ratios between them stay fair. `warmup` untimed calls first absorb one-off costs
+    (torch.compile, allocator growth, lazy CUDA init). The Timer synchronises CUDA around every
+    block and runs with exactly `threads` threads.
     """
-    for _ in range(warmup):
-        fn()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    result = timer.adaptive_autorange(threshold=budget.threshold, min_run_time=budget.min_run_time,
-                                      max_run_time=budget.max_run_time)
-    return Timing(result.median, result.iqr, len(result.raw_times), result.number_per_run)
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+              for name, fn in functions.items()}
+    rounds = {name: [] for name in functions}
+    for _ in range(budget.rounds):
+        for name, timer in timers.items():
+            rounds[name].append(timer.blocked_autorange(min_run_time=budget.round_time))
+    timings = {}
+    for name, measurements in rounds.items():
+        times = [t for m in measurements for t in m.times]  # seconds per call, one per block
+        quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+        timings[name] = Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times),
+                               measurements[0].number_per_run)
+    return timings
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:

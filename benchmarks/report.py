@@ -38,7 +38,8 @@ def markdown_report(results: dict) -> str:
     options = ", ".join(f"{k}={v}" for k, v in results["compile_options"].items())
     out.append(f"torch.compile({options}); the context sweep adds dynamic=True.")
     out.append("")
-    out.append("Times are medians of torch.utils.benchmark blocks (IQR = spread between quartiles). "
+    out.append("Times are medians of torch.utils.benchmark blocks, measured in interleaved rounds "
+               "(IQR = spread between quartiles). "
                "`x MHA` = median / nn.MultiheadAttention's median in the same run (< 1 is faster). "
                "`% roof` = achieved FLOP/s (8btE² + 4bt²E per forward, 3x that with backward) over "
                "the dense matmul FLOP/s measured in the same run.")
