@@ -49,7 +49,7 @@ class Shape:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything a run measures. `full` is `make bench`; `quick` runs the same code on tiny sizes."""
+    """Everything a run measures: FULL is `make bench`, QUICK the same code on tiny sizes."""
 
     shapes: tuple[Shape, ...]
     sweep_contexts: tuple[int, ...]
@@ -109,7 +109,7 @@ def targets() -> list[dict]:
 
 
 def devices() -> tuple[list[tuple[torch.device, torch.dtype]], str]:
-    """CPU float32 always; CUDA float32 and bfloat16 when a GPU is present. Also one line saying so."""
+    """CPU float32 always; CUDA float32 and bfloat16 with a GPU; and one line saying which."""
     runs = [(torch.device("cpu"), torch.float32)]
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
@@ -199,7 +199,7 @@ def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
 
 def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, threads, budget,
                 compile_options) -> list[dict]:
-    """Training-step tokens/s (forward, loss, backward, AdamW step) of the model with each attention."""
+    """Training-step tokens/s (forward, loss, backward, AdamW) of the model with each attention."""
     config = ModelConfig.preset(preset, **{**overrides, "dropout": 0.0})
     models = model_implementations(config, device=device, dtype=dtype,
                                    compile_options=compile_options)
@@ -319,11 +319,12 @@ def run(plan: Plan, *, quick: bool, threads: int, log=print) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="every code path on tiny sizes, in seconds (timings meaningless)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="directory for bench.json, bench.png and bench.md (default: %(default)s)")
+                        help="where bench.json, bench.png and bench.md go (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads for every measurement (default: %(default)s)")
     return parser
@@ -341,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
 
     try:
-        results = run(QUICK if args.quick else FULL, quick=args.quick, threads=args.threads, log=log)
+        plan = QUICK if args.quick else FULL
+        results = run(plan, quick=args.quick, threads=args.threads, log=log)
         args.out.mkdir(parents=True, exist_ok=True)
         table = markdown_report(results)
         (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""How everything is timed and weighed: torch.utils.benchmark medians, peak memory, machine facts."""
+"""How everything is timed and weighed: torch.utils.benchmark medians, peak memory, the machine."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def measure(functions: dict[str, Callable[[], object]], *, threads: int, budget:
     timings = {}
     for name, measurements in rounds.items():
         times = [t for m in measurements for t in m.times]  # seconds per call, one per block
-        quartiles = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
-        timings[name] = Timing(statistics.median(times), quartiles[2] - quartiles[0], len(times),
+        q1, _, q3 = statistics.quantiles(times * 2 if len(times) == 1 else times, n=4,
+                                         method="inclusive")
+        timings[name] = Timing(statistics.median(times), q3 - q1, len(times),
                                measurements[0].number_per_run)
     return timings
 
@@ -110,7 +111,7 @@ def cpu_model() -> str:
 
 
 def machine_facts(threads: int) -> dict:
-    """What a reader needs to compare two runs: CPU, threads, torch, Python, GPU (or its absence)."""
+    """What a reader needs to compare two runs: CPU, threads, torch, Python, GPU (or none)."""
     cuda = torch.cuda.is_available()
     return {
         "cpu": cpu_model(),

@@ -1,7 +1,7 @@
 """The four attention implementations under test, built with the same weights and checked to agree.
 
 - `hand`: TinyGPT's hand-written einops attention (`tinygpt.attention.MultiHeadAttention`).
-- `mha`: `torch.nn.MultiheadAttention(batch_first=True)`, the reference every ratio is taken against.
+- `mha`: `torch.nn.MultiheadAttention(batch_first=True)`, the reference of every ratio.
 - `sdpa`: the hand-written module with its core swapped for `F.scaled_dot_product_attention`, the
   fused kernel. It lives here, apart from the readable attention, because it hides the maths.
 - `compiled`: the hand-written module under `torch.compile`.
@@ -44,9 +44,10 @@ class FusedAttention(MultiHeadAttention):
                 average_attn_weights=True):
         """x `(b t (h d))`, attn_mask `(i j)` additive float -> out `(b t (h d))`, None."""
         if need_weights or key_padding_mask is not None:
-            raise ValueError("FusedAttention takes only an additive attn_mask and returns no weights.")
+            raise ValueError("FusedAttention takes only an attn_mask and returns no weights.")
         if attn_mask is not None and not attn_mask.is_floating_point():
-            raise ValueError(f"FusedAttention needs an additive float mask, got dtype {attn_mask.dtype}.")
+            raise ValueError(
+                f"FusedAttention needs an additive float mask, got dtype {attn_mask.dtype}.")
         q, k, v = rearrange(self.in_proj(x), "b t (three h d) -> three b h t d", three=3,
                             h=self.n_heads)
         dropout_p = self.dropout if self.training else 0.0
@@ -70,7 +71,7 @@ def fused_twin(hand: MultiHeadAttention) -> FusedAttention:
 
 def attention_implementations(d_model: int, n_heads: int, *, device, dtype, compile_options: dict,
                               seed: int = 0) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
-    """name -> `f(x (b t (h d)), causal_mask (i j)) -> out (b t (h d))`, all sharing one set of weights.
+    """name -> `f(x (b t (h d)), causal_mask (i j)) -> out (b t (h d))`, all with the same weights.
 
     `mha` gets the boolean twin of the mask (True = blocked) so that, in inference mode, it can take
     its native fast path: a float mask would shut that path off. The others take the float mask.
@@ -112,7 +113,7 @@ def model_implementations(config: ModelConfig, *, device, dtype, compile_options
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
-    """assert_close tolerances: fp32 those TRAPS.md measured for default-init weights, bf16 looser."""
+    """assert_close tolerances: fp32 as TRAPS.md measured for default-init weights; bf16 looser."""
     if dtype == torch.bfloat16:
         return {"rtol": 2e-2, "atol": 2e-2}
     return {"rtol": 1e-4, "atol": 1e-5}

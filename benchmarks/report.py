@@ -75,7 +75,8 @@ def markdown_report(results: dict) -> str:
         for r in rows:
             by_context.setdefault(r["context"], {})[r["impl"]] = r
         out.append(_table(
-            ["context"] + [f"{names[i]} ms" for i in impls] + [f"{names[i]} peak MiB" for i in impls],
+            ["context"] + [f"{names[i]} ms" for i in impls]
+            + [f"{names[i]} peak MiB" for i in impls],
             [[str(c)] + [_ms(by_impl[i]["median_s"]) for i in impls]
              + [f"{by_impl[i]['peak_bytes'] / 2**20:.1f}" for i in impls]
              for c, by_impl in by_context.items()]))
@@ -95,7 +96,8 @@ def markdown_report(results: dict) -> str:
             [[r["device"], r["config"], f"{r['prompt']} + {r['new_tokens']}",
               "yes" if r["use_cache"] else "no",
               _ms(r["median_s"]) if "median_s" in r else "-",
-              f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else f"not measured: {r['missing']}"]
+              f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r
+              else f"not measured: {r['missing']}"]
              for r in results["generation"]]))
     out += ["", f"Run took {results['elapsed_s']:.0f} s.", ""]
     return "\n".join(out)

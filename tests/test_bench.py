@@ -45,7 +45,8 @@ def test_quick_table_has_every_section_and_row(quick_run):
     for section in SECTIONS:
         assert section in stdout
     assert "CUDA: " in stdout and "Dense matmul roof, cpu float32" in stdout
-    attention_lines = [line for line in stdout.splitlines() if line.startswith("| seed (2, 8, 16, 2) |")]
+    attention_lines = [line for line in stdout.splitlines()
+                       if line.startswith("| seed (2, 8, 16, 2) |")]
     assert len(attention_lines) == len(IMPLEMENTATIONS) * 2  # forward, forward+backward
     for label in IMPLEMENTATIONS.values():
         assert sum(label in line for line in attention_lines) == 2
@@ -83,7 +84,8 @@ def test_quick_json_is_complete(quick_run):
     assert all(row["tokens_per_s"] > 0 for row in model)
 
     generation = results["generation"]
-    assert [row["use_cache"] for row in generation] == [False, True] * (1 + torch.cuda.is_available())
+    n_devices = 1 + torch.cuda.is_available()
+    assert [row["use_cache"] for row in generation] == [False, True] * n_devices
     for row in generation:
         assert row.get("tokens_per_s", 0) > 0 or row["missing"]
 
