@@ -176,10 +176,10 @@ def _as_prompts(idx: Prompts, model: TinyDecoderModel) -> list[Tensor]:
         raise ValueError("no prompts given.")
     prompts = []
     for n, row in enumerate(rows):
+        if row.ndim == 1 and len(row) == 0:
+            raise ValueError(f"prompt {n} is empty; give at least one token (e.g. a newline).")
         if row.ndim != 1 or row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
             raise ValueError(f"prompt {n} must be a 1-D sequence of integer token ids.")
-        if len(row) == 0:
-            raise ValueError(f"prompt {n} is empty; give at least one token (e.g. a newline).")
         low, high = int(row.min()), int(row.max())
         if low < 0 or high >= model.config.vocab_size:
             bad = low if low < 0 else high
@@ -383,7 +383,8 @@ def beam_search(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *, b
         step = decoder.next_logits().double().log_softmax(dim=-1).cpu()  # b v
         total = (log_probs[:, None] + step).flatten()  # (b v)
         wanted = beam_width if eos_id is None else 2 * beam_width  # room for beams that end
-        best, flat = total.topk(min(wanted, len(total)))
+        best, flat = total.sort(descending=True, stable=True)  # ties: lower id first, as argmax
+        best, flat = best[:wanted], flat[:wanted]
         parents, tokens = flat // vocab, flat % vocab
         if eos_id is not None:
             histories = decoder.sequences()
