@@ -1,0 +1,190 @@
+"""Text <-> token ids: a character tokenizer and a byte-level BPE, both saved as JSON.
+
+Both expose the same small surface (`vocab_size`, `encode`, `decode`, `to_dict`, `save`), so the
+data pipeline, the trainer and every checkpoint treat them alike; `load_tokenizer` reads either back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+UNK = "<unk>"
+# What an `<unk>` id decodes to: visible in samples, and one character so positions stay aligned.
+UNK_TEXT = "\N{REPLACEMENT CHARACTER}"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file or an input text the tokenizer cannot handle."""
+
+
+class CharTokenizer:
+    """One id per character of the training text, in sorted order, then `<unk>` last.
+
+    Sorting (not `set` order, which changes between processes) keeps ids stable. Unknown characters
+    become the `<unk>` id, or raise with the character and its position when `strict`.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str], *, strict: bool = False):
+        chars = list(chars)
+        if not chars:
+            raise TokenizerError("a character tokenizer needs at least one character.")
+        bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
+        if bad:
+            raise TokenizerError(f"vocabulary entries must be single characters, got {bad[0]!r}.")
+        if len(set(chars)) != len(chars):
+            raise TokenizerError("the character vocabulary has duplicates.")
+        self.chars = chars
+        self.strict = strict
+        self.unk_id = len(chars)
+        self._ids = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str, *, strict: bool = False) -> CharTokenizer:
+        return cls(sorted(set(text)), strict=strict)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + 1
+
+    def encode(self, text: str) -> list[int]:
+        if self.strict:
+            for position, char in enumerate(text):
+                if char not in self._ids:
+                    raise TokenizerError(
+                        f"character {char!r} at position {position} is not in the vocabulary."
+                    )
+        return [self._ids.get(c, self.unk_id) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
+            out.append(self.chars[i] if i < self.unk_id else UNK_TEXT)
+        return "".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "chars": self.chars, "strict": self.strict}
+
+    def save(self, path: str | os.PathLike) -> None:
+        _write_json_atomic(Path(path), self.to_dict())
+
+
+class BPETokenizer:
+    """Byte-level BPE from the `tokenizers` library: lossless on any UTF-8 text.
+
+    Every byte is in the base alphabet, so nothing is ever unknown; merges learned from a corpus
+    make frequent byte runs into single tokens.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def train(cls, texts: Iterable[str] | str, vocab_size: int) -> BPETokenizer:
+        """Learn merges from `texts` until the vocabulary holds `vocab_size` tokens (>= 257)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(alphabet):
+            raise TokenizerError(
+                f"BPE vocab_size must be an integer above the {len(alphabet)} byte tokens, "
+                f"got {vocab_size!r}."
+            )
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False,
+            special_tokens=[],
+        )
+        tokenizer.train_from_iterator(_chunks([texts] if isinstance(texts, str) else texts), trainer)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BPETokenizer:
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_str(json.dumps(data["tokenizer"])))
+        except Exception as error:  # the library raises its own exception type
+            raise TokenizerError(f"cannot read the BPE tokenizer: {error}") from error
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.kind, "tokenizer": json.loads(self._tokenizer.to_str())}
+
+    def save(self, path: str | os.PathLike) -> None:
+        _write_json_atomic(Path(path), self.to_dict())
+
+
+Tokenizer = Union[CharTokenizer, BPETokenizer]
+
+
+def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from its `to_dict()`."""
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == CharTokenizer.kind:
+        if not isinstance(data.get("chars"), list):
+            raise TokenizerError("a char tokenizer file needs a 'chars' list.")
+        return CharTokenizer(data["chars"], strict=bool(data.get("strict", False)))
+    if kind == BPETokenizer.kind:
+        return BPETokenizer.from_dict(data)
+    raise TokenizerError(f"unknown tokenizer type {kind!r}; expected 'char' or 'bpe'.")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Read a tokenizer saved by `save` (either kind)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"tokenizer file {str(path)!r} is not valid JSON: {error}.") from None
+    return tokenizer_from_dict(data)
+
+
+def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """Feed the trainer pieces of bounded size, so a whole corpus is never one huge sequence."""
+    for text in texts:
+        for start in range(0, len(text), size):
+            yield text[start:start + size]
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
