@@ -50,20 +50,3 @@ def build_model(config: ModelConfig, seed: int, dtype: torch.dtype = torch.float
 def random_prompt(length: int, vocab_size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(vocab_size, (length,), generator=generator)
-
-
-class TinyCharTokenizer:
-    """A stand-in for `tinygpt.tokenizer.CharTokenizer` (same encode/decode contract)."""
-
-    def __init__(self, chars: str, strict: bool = True):
-        self.chars, self.strict = chars, strict
-        self.vocab_size = len(chars) + 1  # the last id is <unk>
-
-    def encode(self, text: str) -> list[int]:
-        if self.strict and any(c not in self.chars for c in text):
-            bad = next(c for c in text if c not in self.chars)
-            raise ValueError(f"character {bad!r} is not in the vocabulary.")
-        return [self.chars.index(c) if c in self.chars else len(self.chars) for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] if i < len(self.chars) else "\ufffd" for i in ids)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from gen_strategies import TinyCharTokenizer, build_model, random_prompt, seeds, small_configs
+from gen_strategies import build_model, random_prompt, seeds, small_configs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +25,7 @@ from tinygpt.generate import (
     top_p_filter,
     unknown_characters,
 )
+from tinygpt.tokenizer import CharTokenizer
 
 TINY = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
 
@@ -195,7 +196,7 @@ def test_beams_are_sorted_and_the_cache_follows_them_across_slides():
 
 
 CHARS = "abc \n"
-TOKENIZER = TinyCharTokenizer(CHARS)
+TOKENIZER = CharTokenizer(CHARS, strict=True)
 
 
 def text_model(seed=0):
@@ -236,9 +237,9 @@ def test_stop_strings_end_the_text_and_the_rows():
 
 def test_prompts_empty_unknown_and_strict():
     assert encode_prompt(TOKENIZER, "") == TOKENIZER.encode("\n")
-    with pytest.raises(ValueError, match="cannot encode the prompt: character 'x'"):
+    with pytest.raises(ValueError, match="cannot encode the prompt: character 'x' at position 2"):
         encode_prompt(TOKENIZER, "abx")
-    lenient = TinyCharTokenizer(CHARS, strict=False)
+    lenient = CharTokenizer(CHARS)
     assert encode_prompt(lenient, "abx")[-1] == len(CHARS)  # <unk>
     assert unknown_characters(lenient, "xab!") == ["!", "x"]
     assert unknown_characters(lenient, "ab") == []
@@ -296,3 +297,87 @@ def test_steps_report_the_logits_each_token_was_drawn_from():
     with torch.inference_mode():
         for step in generate_steps(model, torch.tensor([[1, 2]]), 5, do_sample=False):
             assert torch.equal(step.tokens, step.logits.argmax(dim=-1))
+
+
+# The command line: `tinygpt generate` on a tiny checkpoint written by save_checkpoint.
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tinygpt.checkpoint import save_checkpoint
+    from tinygpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("ROMEO:\nabc de")
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    save_checkpoint(run, model=build_model(config, 0, torch.float32, spread=2.0),
+                    tokenizer=tokenizer, step=1)
+    return run
+
+
+def cli(capsys, *argv):
+    from tinygpt.cli import main
+
+    code = main(["generate", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_samples_streams_and_keeps_a_long_prompt(run_dir, capsys):
+    prompt = "ROMEO: abc de abc"  # longer than max_seq = 8: kept as history
+    args = ("--checkpoint", run_dir, "--prompt", prompt, "--max-new-tokens", 30, "--seed", 1,
+            "--temperature", 0.8, "--top-k", 5, "--top-p", 0.95)
+    code, out, _ = cli(capsys, *args)
+    assert code == 0 and out.startswith(prompt) and len(out) == len(prompt) + 30 + 1
+    assert cli(capsys, *args, "--stream") == (0, out, "")
+    assert cli(capsys, *args, "--no-cache", "--policy", "exact") == (0, out, "")
+    code, fast, _ = cli(capsys, *args, "--policy", "fast")
+    assert code == 0 and fast.startswith(prompt)
+    code, out, _ = cli(capsys, "--checkpoint", run_dir, "--prompt", "", "--max-new-tokens", 3)
+    assert code == 0 and out.startswith("\n") and len(out) == 1 + 3 + 1
+
+
+def test_cli_beam_prints_the_best_beams(run_dir, capsys):
+    code, out, _ = cli(capsys, "--checkpoint", run_dir, "--prompt", "RO", "--max-new-tokens", 4,
+                       "--beam", 3)
+    assert code == 0 and out.count("--- beam ") == 3 and "--- beam 1: log-prob -" in out
+
+
+def test_cli_seed_is_reproducible_across_processes(run_dir):
+    """Issue 4, point 5: two separate processes, the same seed, the same text."""
+    import subprocess
+    import sys
+
+    def run(seed):
+        command = [sys.executable, "-m", "tinygpt", "generate", "--checkpoint", str(run_dir),
+                   "--prompt", "RO", "--max-new-tokens", "40", "--seed", str(seed)]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    assert run(7) == run(7)  # a different seed differing: test_fixed_seed_is_reproducible...
+
+
+def test_cli_reports_bad_input_in_one_line(run_dir, tmp_path, capsys):
+    for argv, message in [
+        (("--checkpoint", run_dir, "--temperature", -1), "temperature must be a finite number"),
+        (("--checkpoint", run_dir, "--top-p", 2), "top_p must be in (0, 1], got 2.0"),
+        (("--checkpoint", run_dir, "--beam", 2, "--stream"), "cannot be used with --beam"),
+        (("--checkpoint", tmp_path / "nope"), "does not exist"),
+        (("--runs-dir", tmp_path), "no run with a checkpoint under"),
+    ]:
+        code, out, err = cli(capsys, *argv, "--max-new-tokens", 2)
+        assert code == 2 and out == "", argv
+        assert err.startswith("tinygpt: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_prompt_outside_the_vocabulary(run_dir, tmp_path, capsys):
+    code, out, err = cli(capsys, "--checkpoint", run_dir, "--prompt", "RO!?", "--max-new-tokens", 2)
+    assert code == 0 and "became <unk>: '!' '?'" in err
+    from tinygpt.checkpoint import save_checkpoint
+    from tinygpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("ROMEO:\nabc de", strict=True)
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
+    save_checkpoint(tmp_path / "strict", model=build_model(config, 0, torch.float32),
+                    tokenizer=tokenizer, step=1)
+    code, out, err = cli(capsys, "--checkpoint", tmp_path / "strict", "--prompt", "RO!")
+    assert code == 2 and "cannot encode the prompt: character '!' at position 2" in err
