@@ -17,8 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from reference import ReferenceDecoderModel, copy_weights
-from tinygpt import ModelConfig, TinyDecoderModel, causal_mask
-from tinygpt.attention import HookPoint
+from tinygpt import ModelConfig, MultiHeadAttention, TinyDecoderModel, causal_mask
+from tinygpt.attention import HookPoint, KVCache
 from tinygpt.generate import generate, generate_steps
 
 SEED_CONFIG = ModelConfig.preset("seed")
@@ -122,6 +122,20 @@ def test_chunked_prefill_matches_full_forward_and_reference(config, seed, data):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(full, oracle, rtol=1e-10, atol=1e-10)
     assert cache[0].length == config.max_seq
+
+
+@given(seed=seeds, split=st.integers(1, 6), n_heads=st.sampled_from([1, 2, 3]))
+def test_attention_with_cache_equals_full_causal_attention(seed, split, n_heads):
+    """The attention alone: the last queries over cached + new keys, with the offset causal mask."""
+    torch.manual_seed(seed)
+    attention = MultiHeadAttention(4 * n_heads, n_heads).double().eval()
+    x = torch.randn(2, 7, 4 * n_heads, dtype=torch.float64)
+    full, _ = attention(x, attn_mask=causal_mask(7))
+    cache = KVCache()
+    first, _ = attention(x[:, :split], attn_mask=causal_mask(split), cache=cache)
+    rest, _ = attention(x[:, split:], attn_mask=causal_mask(7 - split, 7), cache=cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=1e-12, atol=1e-12)
+    assert cache.length == 7
 
 
 def test_forward_without_keywords_is_unchanged():
