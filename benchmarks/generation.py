@@ -107,7 +107,7 @@ def measure_generation(checkpoint: str | None = None, baby_checkpoint: str | Non
         if checkpoint:
             loaded = _load_checkpoint(checkpoint)
             model, prompt = loaded.model, torch.tensor([loaded.tokenizer.encode("ROMEO:")])
-            label = f"{loaded.path}"
+            label = f"{loaded.path.parent.name} (step {loaded.step})"
         else:
             model, prompt = _random_model("shakespeare-cpu"), torch.arange(6)[None]
             label = "shakespeare-cpu (random)"

@@ -94,7 +94,7 @@ def test_cache_costs_one_position_per_step_until_the_window_slides():
     ]:
         model = build_model(config, seed=0)
         counter = PositionCounter(model)
-        generate(model, torch.tensor([[1, 2, 3]]), len(expected), policy=policy, generator=None)
+        generate(model, torch.tensor([[1, 2, 3]]), len(expected), policy=policy)
         assert counter.counts == expected, policy
         model = build_model(config, seed=0)
         counter = PositionCounter(model)
