@@ -213,6 +213,22 @@ def test_stream_pieces_add_up_to_the_generated_text():
     assert len(pieces) > 1  # yielded as produced, not all at once
 
 
+def test_stream_holds_back_incomplete_characters_of_a_byte_level_bpe():
+    from tinygpt.tokenizer import BPETokenizer
+
+    tokenizer = BPETokenizer.train("Thé café à Noël coûte 5 € — ça va? " * 20, vocab_size=280)
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
+    model = build_model(config, seed=0, dtype=torch.float32)
+    prompt = "café "
+    pieces = list(stream(model, tokenizer, prompt, 60, generator=torch.Generator().manual_seed(1)))
+    ids = generate(model, torch.tensor([tokenizer.encode(prompt)]), 60,
+                   generator=torch.Generator().manual_seed(1))[0, len(tokenizer.encode(prompt)):]
+    new = ids.tolist()
+    assert "".join(pieces) == tokenizer.decode(new)
+    assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
+    assert any(tokenizer.decode(new[:k]).endswith("\ufffd") for k in range(1, 60))  # it happened
+
+
 def test_stop_strings_end_the_text_and_the_rows():
     model = text_model()
     full = complete(model, TOKENIZER, "a", 40, generator=torch.Generator().manual_seed(3))
