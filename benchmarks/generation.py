@@ -63,7 +63,8 @@ def cache_speedup(model: TinyDecoderModel, n: int = 256, label: str = "baby") ->
     uncached = _timed(model, prompt, n, use_cache=False)
     rows = [
         dict(model=label, measure="cache", tokens=n, seconds=cached, tokens_per_s=n / cached),
-        dict(model=label, measure="no cache", tokens=n, seconds=uncached, tokens_per_s=n / uncached),
+        dict(model=label, measure="no cache", tokens=n, seconds=uncached,
+             tokens_per_s=n / uncached),
         dict(model=label, measure="cache speedup", value=uncached / cached,
              target=f">= {TARGET_CACHE_SPEEDUP:g}", met=uncached / cached >= TARGET_CACHE_SPEEDUP),
     ]
@@ -125,7 +126,8 @@ def _load_checkpoint(run: str):
 
 def _format(row: dict) -> str:
     if "tokens_per_s" in row:
-        text = f"{row['tokens']} tokens in {row['seconds']:.2f} s = {row['tokens_per_s']:,.0f} tokens/s"
+        text = (f"{row['tokens']} tokens in {row['seconds']:.2f} s = "
+                f"{row['tokens_per_s']:,.0f} tokens/s")
     else:
         text = f"{row['value']:.2f}"
     if "target" in row:
@@ -136,7 +138,8 @@ def _format(row: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", help="trained shakespeare-cpu run (default: random weights)")
+    parser.add_argument("--checkpoint",
+                        help="trained shakespeare-cpu run (default: random weights)")
     parser.add_argument("--baby-checkpoint", help="trained baby run (default: random weights)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()

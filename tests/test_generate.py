@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tinygpt import ModelConfig
+from tinygpt.checkpoint import save_checkpoint
+from tinygpt.cli import main
 from tinygpt.generate import (
     beam_search,
     complete,
@@ -25,7 +29,7 @@ from tinygpt.generate import (
     top_p_filter,
     unknown_characters,
 )
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 TINY = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
 
@@ -214,9 +218,8 @@ def test_stream_pieces_add_up_to_the_generated_text():
 
 
 def test_stream_holds_back_incomplete_characters_of_a_byte_level_bpe():
-    from tinygpt.tokenizer import BPETokenizer
-
-    tokenizer = BPETokenizer.train("Thé café à Noël coûte 5 € — ça va? " * 20, vocab_size=280)
+    tokenizer = BPETokenizer.train("Thé café à Noël coûte 5 € — ça va? " * 20,
+                                   vocab_size=280)
     config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
     model = build_model(config, seed=0, dtype=torch.float32)
     prompt = "café "
@@ -320,9 +323,6 @@ def test_steps_report_the_logits_each_token_was_drawn_from():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from tinygpt.checkpoint import save_checkpoint
-    from tinygpt.tokenizer import CharTokenizer
-
     tokenizer = CharTokenizer.from_text("ROMEO:\nabc de")
     config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
     run = tmp_path_factory.mktemp("runs") / "tiny"
@@ -332,8 +332,6 @@ def run_dir(tmp_path_factory):
 
 
 def cli(capsys, *argv):
-    from tinygpt.cli import main
-
     code = main(["generate", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out, err
@@ -361,9 +359,6 @@ def test_cli_beam_prints_the_best_beams(run_dir, capsys):
 
 def test_cli_seed_is_reproducible_across_processes(run_dir):
     """Issue 4, point 5: two separate processes, the same seed, the same text."""
-    import subprocess
-    import sys
-
     def run(seed):
         command = [sys.executable, "-m", "tinygpt", "generate", "--checkpoint", str(run_dir),
                    "--prompt", "RO", "--max-new-tokens", "40", "--seed", str(seed)]
@@ -388,9 +383,6 @@ def test_cli_reports_bad_input_in_one_line(run_dir, tmp_path, capsys):
 def test_cli_prompt_outside_the_vocabulary(run_dir, tmp_path, capsys):
     code, out, err = cli(capsys, "--checkpoint", run_dir, "--prompt", "RO!?", "--max-new-tokens", 2)
     assert code == 0 and "became <unk>: '!' '?'" in err
-    from tinygpt.checkpoint import save_checkpoint
-    from tinygpt.tokenizer import CharTokenizer
-
     tokenizer = CharTokenizer.from_text("ROMEO:\nabc de", strict=True)
     config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
     save_checkpoint(tmp_path / "strict", model=build_model(config, 0, torch.float32),

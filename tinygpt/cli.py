@@ -74,7 +74,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
 
     if args.beam is not None and args.stream:
-        raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with --beam.")
+        raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
+                         "--beam.")
     device = _resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint or latest_run(args.runs_dir), device=device)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
     gen.add_argument("--top-p", type=float, default=None,
                      help="keep the smallest set of most likely tokens reaching probability p")
-    gen.add_argument("--seed", type=int, default=None, help="seed the sampler: same seed, same text")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed the sampler: same seed, same text")
     gen.add_argument("--beam", type=int, default=None, metavar="W",
                      help="beam search of width W instead of sampling; prints the W best")
     gen.add_argument("--stop", action="append", metavar="TEXT",

@@ -192,7 +192,9 @@ def _as_prompts(idx: Prompts, model: TinyDecoderModel) -> list[Tensor]:
 
 
 def _check_count(max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+        max_new_tokens < 0
+    ):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
 
 
@@ -241,7 +243,9 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
         if decode is None:
             raise ValueError("stop strings need decode= (for example tokenizer.decode).")
         if isinstance(idx, Tensor) and idx.ndim == 2 and idx.shape[0] > 1:
-            raise ValueError("stop strings end rows at different lengths: pass the prompts as a list.")
+            raise ValueError(
+                "stop strings end rows at different lengths: pass the prompts as a list."
+            )
         _check_stop(stop)
     prompts = _as_prompts(idx, model)
     rows: list[list[int]] = [[] for _ in prompts]

@@ -101,7 +101,9 @@ class TinyDecoderModel(nn.Module):
         if positions is None:
             return self.positional[past:past + idx.shape[1]]
         if positions.shape != idx.shape:
-            raise ValueError(f"positions {tuple(positions.shape)} must match idx {tuple(idx.shape)}.")
+            raise ValueError(
+                f"positions {tuple(positions.shape)} must match idx {tuple(idx.shape)}."
+            )
         low, high = positions.aminmax()
         if low < 0 or high >= self.config.max_seq:
             raise ValueError(f"positions must lie in 0..{self.config.max_seq - 1}.")
