@@ -374,6 +374,8 @@ def test_cli_reports_bad_input_in_one_line(run_dir, tmp_path, capsys):
         (("--checkpoint", run_dir, "--beam", 2, "--stream"), "cannot be used with --beam"),
         (("--checkpoint", tmp_path / "nope"), "does not exist"),
         (("--runs-dir", tmp_path), "no run with a checkpoint under"),
+        *([] if torch.cuda.is_available() else
+          [(("--checkpoint", run_dir, "--device", "cuda"), "no CUDA device is available")]),
     ]:
         code, out, err = cli(capsys, *argv, "--max-new-tokens", 2)
         assert code == 2 and out == "", argv
