@@ -280,7 +280,7 @@ def find_stop(text: str, stop: Sequence[str]) -> int | None:
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Token ids of a text prompt; an empty prompt starts from a newline.
 
-    A tokenizer that cannot encode a character (a strict one) raises; name those characters.
+    A tokenizer that cannot encode a character (a strict one) raises a ValueError naming it.
     """
     text = text or "\n"
     try:
