@@ -136,8 +136,8 @@ def init_weights(model: nn.Module) -> None:
 
 def check_token_ids(idx: Tensor, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad value, before an index error deep inside torch does."""
-    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"token ids must be an integer tensor, got dtype {idx.dtype}.")
+    if idx.dtype not in (torch.int64, torch.int32):  # the index dtypes nn.Embedding accepts
+        raise ValueError(f"token ids must be an int64 or int32 tensor, got dtype {idx.dtype}.")
     if idx.ndim != 2:
         raise ValueError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}.")
     t = idx.shape[1]
