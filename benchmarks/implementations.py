@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from reference import ReferenceDecoderModel, copy_weights
-from tinygpt.attention import MultiHeadAttention, causal_mask
+from tinygpt.attention import KVCache, MultiHeadAttention, causal_mask
 from tinygpt.config import ModelConfig
 from tinygpt.model import TinyDecoderModel
 
@@ -41,7 +41,7 @@ class FusedAttention(MultiHeadAttention):
     """
 
     def forward(self, x, attn_mask=None, key_padding_mask=None, need_weights=False,
-                average_attn_weights=True):
+                average_attn_weights=True, cache: KVCache | None = None):
         """x `(b t (h d))`, attn_mask `(i j)` additive float -> out `(b t (h d))`, None."""
         if need_weights or key_padding_mask is not None:
             raise ValueError("FusedAttention takes only an attn_mask and returns no weights.")
@@ -50,6 +50,8 @@ class FusedAttention(MultiHeadAttention):
                 f"FusedAttention needs an additive float mask, got dtype {attn_mask.dtype}.")
         q, k, v = rearrange(self.in_proj(x), "b t (three h d) -> three b h t d", three=3,
                             h=self.n_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)  # b h j d
         dropout_p = self.dropout if self.training else 0.0
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.out_proj(rearrange(z, "b h t d -> b t (h d)")), None

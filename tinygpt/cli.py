@@ -161,6 +161,49 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
                         help="auto picks CUDA when present (default: auto)")
 
 
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinygpt.checkpoint import latest_run, load_checkpoint
+    from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
+
+    if args.beam is not None and args.stream:
+        raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
+                         "--beam.")
+    device = _inspection_device(args.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available.")
+    checkpoint = load_checkpoint(args.checkpoint or latest_run(args.runs_dir), device=device)
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    prompt = args.prompt or "\n"  # an empty prompt starts from a newline
+    ids = encode_prompt(tokenizer, prompt)
+    unknown = unknown_characters(tokenizer, prompt)
+    if unknown:
+        print(f"tinygpt: note: characters outside the vocabulary became <unk>: "
+              f"{' '.join(map(repr, unknown))}", file=sys.stderr)
+    if args.beam is not None:
+        beams = beam_search(model, [ids], args.max_new_tokens, beam_width=args.beam,
+                            use_cache=not args.no_cache, policy=args.policy)
+        for rank, beam in enumerate(beams, 1):
+            print(f"--- beam {rank}: log-prob {beam.log_prob:.4f}")
+            print(tokenizer.decode(beam.tokens.tolist()))
+        return
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    pieces = stream(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop or (),
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    use_cache=not args.no_cache, policy=args.policy, generator=generator)
+    if args.stream:
+        sys.stdout.write(prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(prompt + "".join(pieces))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinygpt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -168,6 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     summary = commands.add_parser("summary", help="print the per-module parameter table")
     add_config_options(summary)
     summary.set_defaults(run=_cmd_summary)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    _add_checkpoint_options(gen)
+    gen.add_argument("--prompt", default="", help="text to continue (empty: start from a newline)")
+    gen.add_argument("--max-new-tokens", type=int, default=500)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="keep the smallest set of most likely tokens reaching probability p")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed the sampler: same seed, same text")
+    gen.add_argument("--beam", type=int, default=None, metavar="W",
+                     help="beam search of width W instead of sampling; prints the W best")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="end the text before TEXT (repeatable)")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is produced")
+    gen.add_argument("--no-cache", action="store_true",
+                     help="recompute the context every step instead of using the KV cache")
+    gen.add_argument("--policy", choices=("exact", "fast"), default="exact",
+                     help="when the context outgrows max_seq: exact slides it every token; fast "
+                          "keeps its newest half and re-fills the cache once (default: exact)")
+    gen.set_defaults(run=_cmd_generate)
 
     heads = commands.add_parser("heads", help="rank heads by ablation loss rise and classify them")
     _add_checkpoint_options(heads)
