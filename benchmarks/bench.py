@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -55,7 +54,7 @@ class Plan:
     sweep_contexts: tuple[int, ...]
     sweep_width: tuple[int, int]  # d_model, n_heads
     model_configs: tuple[tuple[str, int, dict], ...]  # preset, batch, config overrides
-    generation: tuple[str, int, int]  # preset, prompt length, new tokens
+    generation: tuple[str, int, int]  # preset, prompt length, new tokens (a full window)
     matmul_sizes: tuple[int, ...]
     budget: Budget
     sweep_budget: Budget
@@ -227,10 +226,10 @@ def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, thre
 
 
 def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
-    """Greedy decoding tokens/s through `tinygpt.generate.generate`, with and without a KV cache.
+    """Greedy decoding tokens/s through `tinygpt.generate.generate`, with and without the KV cache.
 
-    Without `use_cache` support in `generate`, only the uncached row is measured and the cached
-    row says why it is missing.
+    Random weights of the preset's size: speed depends on sizes only. `benchmarks/generation.py`
+    goes further (per-policy speeds, cost per token along the window).
     """
     preset, prompt_length, new_tokens = plan.generation
     config = ModelConfig.preset(preset, dropout=0.0)
@@ -238,22 +237,13 @@ def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
     model = TinyDecoderModel(config).to(device).eval()
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(config.vocab_size, (1, prompt_length), generator=generator).to(device)
-    has_cache = "use_cache" in inspect.signature(generate).parameters
-    settings = [True, False] if has_cache else [False]
-    options = lambda use_cache: {"use_cache": use_cache} if has_cache else {}  # noqa: E731
-    timings = measure({use_cache: partial(generate, model, prompt, new_tokens, temperature=0,
-                                          **options(use_cache)) for use_cache in settings},
+    timings = measure({use_cache: partial(generate, model, prompt, new_tokens, do_sample=False,
+                                          use_cache=use_cache) for use_cache in (False, True)},
                       threads=threads, budget=budget, warmup=1)
-    rows = []
-    for use_cache in (False, True):
-        row = {"config": preset, "device": device.type, "dtype": "float32", "batch": 1,
-               "prompt": prompt_length, "new_tokens": new_tokens, "use_cache": use_cache}
-        if use_cache not in timings:
-            rows.append({**row, "missing": "tinygpt.generate.generate has no use_cache yet"})
-            continue
-        timing = timings[use_cache]
-        rows.append({**row, **timing.to_dict(), "tokens_per_s": new_tokens / timing.median_s})
-    return rows
+    return [{"config": preset, "device": device.type, "dtype": "float32", "batch": 1,
+             "prompt": prompt_length, "new_tokens": new_tokens, "use_cache": use_cache,
+             **timing.to_dict(), "tokens_per_s": new_tokens / timing.median_s}
+            for use_cache, timing in timings.items()]
 
 
 def _add_ratios(rows: list[dict], keys: tuple[str, ...]) -> None:
