@@ -31,8 +31,8 @@ def markdown_report(results: dict) -> str:
     machine, names = results["machine"], results["implementations"]
     out = ["# TinyGPT benchmark" + (" (--quick: tiny sizes, timings meaningless)"
                                     if results["quick"] else ""), ""]
-    out.append(f"CPU: {machine['cpu']} ({machine['cpu_capability']}), {machine['threads']} "
-               f"threads; torch {machine['torch']}; Python {machine['python']}; "
+    out.append(f"CPU: {machine['cpu']} ({machine['cpu_capability']}), torch threads: "
+               f"{machine['threads']}; torch {machine['torch']}; Python {machine['python']}; "
                f"GPU: {machine['gpu'] or 'none'}.  ")
     out.append(results["cuda"] + "  ")
     options = ", ".join(f"{k}={v}" for k, v in results["compile_options"].items())
@@ -135,8 +135,8 @@ def plot_results(results: dict, path: Path) -> None:
         axis.set_ylabel(ylabel)
         axis.set_title(title)
         axis.legend(fontsize=8)
-    figure.suptitle(f"TinyGPT attention on {results['machine']['cpu']}, "
-                    f"{results['machine']['threads']} threads, torch {results['machine']['torch']}"
+    figure.suptitle(f"TinyGPT attention on {results['machine']['cpu']}, torch threads: "
+                    f"{results['machine']['threads']}, torch {results['machine']['torch']}"
                     + (" (--quick)" if results["quick"] else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
