@@ -57,7 +57,7 @@ class Plan:
     generation: tuple[str, int, int]  # preset, prompt length, new tokens (a full window)
     matmul_sizes: tuple[int, ...]
     budget: Budget
-    slow_budget: Budget  # for calls of up to a second: the sweep and generation
+    slow_budget: Budget  # calls of up to a second: sweep, training step, generation
     compile_options: dict  # for torch.compile
 
 
@@ -297,7 +297,7 @@ def run(plan: Plan, *, quick: bool, threads: int, log=print) -> dict:
         for preset, batch, overrides in plan.model_configs:
             log(f"{label}: training step, {preset} model")
             results["model"] += bench_model(preset, batch, overrides, device, dtype,
-                                            threads=threads, budget=plan.budget,
+                                            threads=threads, budget=plan.slow_budget,
                                             compile_options=plan.compile_options)
         if dtype == torch.float32:
             log(f"{label}: generation")
