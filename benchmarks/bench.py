@@ -54,7 +54,7 @@ class Plan:
     sweep_contexts: tuple[int, ...]
     sweep_width: tuple[int, int]  # d_model, n_heads
     model_configs: tuple[tuple[str, int, dict], ...]  # preset, batch, config overrides
-    generation: tuple[str, int, int]  # preset, prompt length, new tokens (a full window)
+    generation: tuple[str, int, int]  # preset, prompt length, new tokens
     matmul_sizes: tuple[int, ...]
     budget: Budget
     slow_budget: Budget  # calls of up to a second: sweep, training step, generation
@@ -121,9 +121,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _input(shape_or_batch, context, d_model, *, device, dtype, seed=0):
+def _input(batch, context, d_model, *, device, dtype, seed=0):
+    """A fixed x `(b t (h d))`, drawn on the CPU so that every device gets the same numbers."""
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape_or_batch, context, d_model, generator=generator)
+    x = torch.randn(batch, context, d_model, generator=generator)
     return x.to(device=device, dtype=dtype)
 
 
