@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test summary clean chromium figures
+.PHONY: install test summary bench clean chromium figures
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ figures: $(STAMP)
 
 summary: $(STAMP)
 	$(VENV)/bin/tinygpt summary --config seed
+
+# Attention and model timings, CPU (and CUDA when present): table on stdout, JSON + PNG in
+# benchmarks/results/. `make bench BENCH_ARGS=--quick` runs every code path on tiny sizes.
+bench: $(STAMP)
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -75,6 +75,19 @@ def _no_hook(name: str, x: Tensor) -> Tensor:
     return x
 
 
+def _empty_rows(mask: Tensor | None) -> Tensor | None:
+    """Boolean `(... i 1)`, True for query rows whose keys are all masked; None if there are none.
+
+    Returning None in the usual case (a causal mask never empties a row) spares two passes over
+    the `(b h i j)` weights, forward and backward. Under torch.compile the check is not made, as
+    a data-dependent branch would split the graph, and the fix fuses into the softmax for free.
+    """
+    if mask is None:
+        return None
+    empty = torch.isneginf(mask).all(dim=-1, keepdim=True)
+    return empty if torch.compiler.is_compiling() or empty.any() else None
+
+
 def scaled_dot_product(q, k, v, mask=None, *, dropout_p=0.0, hook=_no_hook):
     """softmax(q kᵀ / √d + mask) v for q `(b h i d)`, k and v `(b h j d)`; returns out, weights.
 
@@ -83,11 +96,13 @@ def scaled_dot_product(q, k, v, mask=None, *, dropout_p=0.0, hook=_no_hook):
     mask never does this; only padding can. `hook(name, x)` lets `inspection` observe or replace
     the scores, the masked scores and the weights without touching the maths.
     """
-    scores = hook("scores", einsum(q, k, "b h i d, b h j d -> b h i j") * q.shape[-1] ** -0.5)
-    empty = None
+    # Scaling q `(b h i d)`, not the scores `(b h i j)`, spares a pass over the largest tensor.
+    scores = hook("scores", einsum(q * q.shape[-1] ** -0.5, k, "b h i d, b h j d -> b h i j"))
+    empty = _empty_rows(mask)
+    if empty is not None:
+        mask = mask.masked_fill(empty, 0.0)  # keeps a row with no visible key from becoming NaN
     if mask is not None:
-        empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # ... i 1: rows with no visible key
-        scores = hook("masked_scores", scores + mask.masked_fill(empty, 0.0))
+        scores = hook("masked_scores", scores + mask)
     weights = scores.softmax(dim=-1)
     if empty is not None:
         weights = weights.masked_fill(empty, 0.0)

@@ -1,0 +1,164 @@
+"""The four attention implementations under test, built with the same weights and checked to agree.
+
+- `hand`: TinyGPT's hand-written einops attention (`tinygpt.attention.MultiHeadAttention`).
+- `mha`: `torch.nn.MultiheadAttention(batch_first=True)`, the reference of every ratio.
+- `sdpa`: the hand-written module with its core swapped for `F.scaled_dot_product_attention`, the
+  fused kernel. It lives here, apart from the readable attention, because it hides the maths.
+- `compiled`: the hand-written module under `torch.compile`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from reference import ReferenceDecoderModel, copy_weights
+from tinygpt.attention import KVCache, MultiHeadAttention, causal_mask
+from tinygpt.config import ModelConfig
+from tinygpt.model import TinyDecoderModel
+
+IMPLEMENTATIONS = {
+    "hand": "hand-written (einops)",
+    "mha": "nn.MultiheadAttention",
+    "sdpa": "hand-written, SDPA core",
+    "compiled": "hand-written, torch.compile",
+}
+REFERENCE = "mha"
+
+
+class FusedAttention(MultiHeadAttention):
+    """`MultiHeadAttention` whose core is torch's fused `scaled_dot_product_attention`.
+
+    Same parameters and projections as the hand-written module, so its weights load unchanged; only
+    softmax(q kᵀ / √d + mask) v is delegated. It takes an additive float mask, which SDPA adds to
+    the scores exactly as the hand-written core does (a *boolean* mask would mean the opposite
+    there: True = may attend). It never returns weights: the fused kernel never forms them.
+    """
+
+    def forward(self, x, attn_mask=None, key_padding_mask=None, need_weights=False,
+                average_attn_weights=True, cache: KVCache | None = None):
+        """x `(b t (h d))`, attn_mask `(i j)` additive float -> out `(b t (h d))`, None."""
+        if need_weights or key_padding_mask is not None:
+            raise ValueError("FusedAttention takes only an attn_mask and returns no weights.")
+        if attn_mask is not None and not attn_mask.is_floating_point():
+            raise ValueError(
+                f"FusedAttention needs an additive float mask, got dtype {attn_mask.dtype}.")
+        q, k, v = rearrange(self.in_proj(x), "b t (three h d) -> three b h t d", three=3,
+                            h=self.n_heads)
+        if cache is not None:
+            k, v = cache.append(k, v)  # b h j d
+        dropout_p = self.dropout if self.training else 0.0
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return self.out_proj(rearrange(z, "b h t d -> b t (h d)")), None
+
+
+def _fresh_compile_cache() -> None:
+    """Forget earlier compiled graphs. Every shape and grad mode adds one to the cache of the same
+    `forward`, and past torch.compile's recompile limit it would silently fall back to eager."""
+    torch._dynamo.reset()
+
+
+def fused_twin(hand: MultiHeadAttention) -> FusedAttention:
+    """A FusedAttention holding a copy of `hand`'s weights (same dtype and device)."""
+    n_heads, d_model = hand.n_heads, hand.out_proj.in_features
+    fused = FusedAttention(d_model, n_heads, hand.dropout).to(hand.out_proj.weight)
+    fused.load_state_dict(hand.state_dict(), strict=True)
+    return fused.train(hand.training)
+
+
+def attention_implementations(d_model: int, n_heads: int, *, device, dtype, compile_options: dict,
+                              seed: int = 0) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    """name -> `f(x (b t (h d)), causal_mask (i j)) -> out (b t (h d))`, all with the same weights.
+
+    `mha` gets the boolean twin of the mask (True = blocked) so that, in inference mode, it can take
+    its native fast path: a float mask would shut that path off. The others take the float mask.
+    `compile_options` go to `torch.compile` (backend, dynamic).
+    """
+    _fresh_compile_cache()
+    torch.manual_seed(seed)
+    hand = MultiHeadAttention(d_model, n_heads).to(device=device, dtype=dtype)
+    mha = nn.MultiheadAttention(d_model, n_heads, batch_first=True).to(device=device, dtype=dtype)
+    copy_weights(hand, mha)
+    fused = fused_twin(hand)
+    compiled = torch.compile(hand, **compile_options)
+    return {
+        "hand": lambda x, mask: hand(x, attn_mask=mask)[0],
+        "mha": lambda x, mask: mha(x, x, x, attn_mask=torch.isinf(mask), need_weights=False)[0],
+        "sdpa": lambda x, mask: fused(x, attn_mask=mask)[0],
+        "compiled": lambda x, mask: compiled(x, attn_mask=mask)[0],
+    }
+
+
+def model_implementations(config: ModelConfig, *, device, dtype, compile_options: dict,
+                          seed: int = 0) -> dict[str, nn.Module]:
+    """name -> a whole decoder `(b t) ids -> (b t v) logits` with that attention, same weights.
+
+    `mha` is the oracle `reference.ReferenceDecoderModel`; `sdpa` and `compiled` are the TinyGPT
+    model with every block's attention replaced (only the attention changes between them).
+    """
+    _fresh_compile_cache()
+    torch.manual_seed(seed)
+    hand = TinyDecoderModel(config).to(device=device, dtype=dtype)
+    reference = ReferenceDecoderModel(config).to(device=device, dtype=dtype)
+    copy_weights(hand, reference)
+    fused, compiled = copy.deepcopy(hand), copy.deepcopy(hand)
+    for block in fused.blocks:
+        block.attention = fused_twin(block.attention)
+    for block in compiled.blocks:
+        block.attention = torch.compile(block.attention, **compile_options)
+    return {"hand": hand, "mha": reference, "sdpa": fused, "compiled": compiled}
+
+
+def tolerances(dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances: fp32 as TRAPS.md measured for default-init weights; bf16 looser."""
+    if dtype == torch.bfloat16:
+        return {"rtol": 2e-2, "atol": 2e-2}
+    return {"rtol": 1e-4, "atol": 1e-5}
+
+
+def check_attention_agreement(implementations, x: Tensor, *, dtype) -> dict[str, float]:
+    """Assert every implementation matches `mha` (output and input gradient); return max |diff|.
+
+    Run before any timing: a fast implementation that computes something else is worth nothing.
+    """
+    mask = causal_mask(x.shape[1], device=x.device).to(x.dtype)
+    grad_out = torch.randn_like(x)
+    results = {}
+    for name, run in implementations.items():
+        x_leaf = x.detach().clone().requires_grad_(True)
+        out = run(x_leaf, mask)
+        out.backward(grad_out)
+        results[name] = (out.detach(), x_leaf.grad)
+    ref_out, ref_grad = results[REFERENCE]
+    worst = {}
+    for name, (out, grad) in results.items():
+        for what, got, want in (("output", out, ref_out), ("input gradient", grad, ref_grad)):
+            try:
+                torch.testing.assert_close(got, want, **tolerances(dtype))
+            except AssertionError as error:
+                raise RuntimeError(
+                    f"{name} disagrees with {REFERENCE} ({what}): {str(error).splitlines()[0]}"
+                ) from None
+        worst[name] = max(float((out - ref_out).abs().max()), float((grad - ref_grad).abs().max()))
+    return worst
+
+
+def check_model_agreement(models: dict[str, nn.Module], idx: Tensor, *, dtype) -> dict[str, float]:
+    """Assert every model's logits match the reference model's; return max |diff| per model."""
+    with torch.no_grad():
+        logits = {name: model(idx) for name, model in models.items()}
+    worst = {}
+    for name, got in logits.items():
+        try:
+            torch.testing.assert_close(got, logits[REFERENCE], **tolerances(dtype))
+        except AssertionError as error:
+            raise RuntimeError(
+                f"model with {name} disagrees with {REFERENCE}: {str(error).splitlines()[0]}"
+            ) from None
+        worst[name] = float((got - logits[REFERENCE]).abs().max())
+    return worst

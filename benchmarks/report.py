@@ -1,0 +1,143 @@
+"""The run's results as a markdown table (stdout, bench.md) and a PNG plot (bench.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}"
+
+
+def _groups(rows: list[dict]) -> list[tuple[str, str]]:
+    """(device, dtype) pairs in the order they were measured."""
+    return list(dict.fromkeys((row["device"], row["dtype"]) for row in rows))
+
+
+def markdown_report(results: dict) -> str:
+    """Every table of the run. Ratios are medians over the nn.MultiheadAttention median of the
+    same group in the same run: below 1 is faster than the reference."""
+    machine, names = results["machine"], results["implementations"]
+    out = ["# TinyGPT benchmark" + (" (--quick: tiny sizes, timings meaningless)"
+                                    if results["quick"] else ""), ""]
+    out.append(f"CPU: {machine['cpu']} ({machine['cpu_capability']}), torch threads: "
+               f"{machine['threads']}; torch {machine['torch']}; Python {machine['python']}; "
+               f"GPU: {machine['gpu'] or 'none'}.  ")
+    out.append(results["cuda"] + "  ")
+    options = ", ".join(f"{k}={v}" for k, v in results["compile_options"].items())
+    out.append(f"torch.compile({options}); the context sweep adds dynamic=True.")
+    out.append("")
+    out.append("Times are medians of torch.utils.benchmark blocks, measured in interleaved rounds "
+               "(IQR = spread between quartiles). "
+               "`x MHA` = median / nn.MultiheadAttention's median in the same run (< 1 is faster). "
+               "`% roof` = achieved FLOP/s (8btE² + 4bt²E per forward, 3x that with backward) over "
+               "the dense matmul FLOP/s measured in the same run.")
+    for roof in results["matmul"]:
+        out.append(f"\nDense matmul roof, {roof['device']} {roof['dtype']}: "
+                   f"{roof['flops_per_s'] / 1e9:.1f} GFLOP/s (torch.mm, n={roof['n']}).")
+    for device, dtype in _groups(results["attention"]):
+        out += ["", f"## Attention, {device} {dtype}", ""]
+        rows = [r for r in results["attention"] if (r["device"], r["dtype"]) == (device, dtype)]
+        out.append(_table(
+            ["size (b, t, d_model, h)", "pass", "implementation", "median ms", "IQR ms", "x MHA",
+             "GFLOP/s", "% roof"],
+            [[f"{r['name']} ({r['batch']}, {r['context']}, {r['d_model']}, {r['n_heads']})",
+              r["pass"], names[r["impl"]], _ms(r["median_s"]), _ms(r["iqr_s"]),
+              f"{r['ratio_vs_mha']:.2f}", f"{r['flops_per_s'] / 1e9:.2f}",
+              f"{100 * r['fraction_of_matmul']:.1f}"] for r in rows]))
+    if results["targets"]:
+        out += ["", "## Targets (float32, forward+backward, ratios of medians from this run)", ""]
+        out.append(_table(
+            ["target", "device", "size", "ratio", "limit", "met"],
+            [[t["text"], t["device"], t["name"], f"{t['ratio']:.2f}", f"{t['limit']:.2f}",
+              "yes" if t["met"] else "**no**"] for t in results["targets"]]))
+    for device, dtype in _groups(results["sweep"]):
+        rows = [r for r in results["sweep"] if (r["device"], r["dtype"]) == (device, dtype)]
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        first = rows[0]
+        out += ["", f"## Context sweep, {device} {dtype} (batch 1, d_model {first['d_model']}, "
+                f"{first['n_heads']} heads, forward+backward)", ""]
+        out.append("Peak MiB: bytes torch allocated above the starting level during one call "
+                   "(CUDA max_memory_allocated; CPU the peak of the profiler's allocation log).")
+        out.append("")
+        by_context = {}
+        for r in rows:
+            by_context.setdefault(r["context"], {})[r["impl"]] = r
+        out.append(_table(
+            ["context"] + [f"{names[i]} ms" for i in impls]
+            + [f"{names[i]} peak MiB" for i in impls],
+            [[str(c)] + [_ms(by_impl[i]["median_s"]) for i in impls]
+             + [f"{by_impl[i]['peak_bytes'] / 2**20:.1f}" for i in impls]
+             for c, by_impl in by_context.items()]))
+    for device, dtype in _groups(results["model"]):
+        rows = [r for r in results["model"] if (r["device"], r["dtype"]) == (device, dtype)]
+        out += ["", f"## Training step of the whole model, {device} {dtype} "
+                "(forward, loss, backward, AdamW)", ""]
+        out.append(_table(
+            ["model (b, t)", "attention", "median ms", "IQR ms", "tokens/s", "x MHA"],
+            [[f"{r['config']} ({r['batch']}, {r['context']})", names[r["impl"]], _ms(r["median_s"]),
+              _ms(r["iqr_s"]), f"{r['tokens_per_s']:,.0f}", f"{r['ratio_vs_mha']:.2f}"]
+             for r in rows]))
+    if results["generation"]:
+        out += ["", "## Generation (greedy, batch 1, hand-written attention)", ""]
+        out.append(_table(
+            ["device", "model", "prompt + new tokens", "KV cache", "median ms", "tokens/s"],
+            [[r["device"], r["config"], f"{r['prompt']} + {r['new_tokens']}",
+              "yes" if r["use_cache"] else "no", _ms(r["median_s"]), f"{r['tokens_per_s']:,.0f}"]
+             for r in results["generation"]]))
+    out += ["", f"Run took {results['elapsed_s']:.0f} s.", ""]
+    return "\n".join(out)
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """Three panels: fwd+bwd ratio to MHA per size, then sweep time and peak memory vs context."""
+    names = results["implementations"]
+    figure, (ratios, times, memory) = plt.subplots(1, 3, figsize=(16, 4.8))
+    fwd_bwd = [r for r in results["attention"]
+               if r["pass"] == "forward+backward" and r["device"] == "cpu"]
+    sizes = list(dict.fromkeys(r["name"] for r in fwd_bwd))
+    impls = list(dict.fromkeys(r["impl"] for r in fwd_bwd))
+    width = 0.8 / max(len(impls), 1)
+    for n, impl in enumerate(impls):
+        values = [next(r["ratio_vs_mha"] for r in fwd_bwd if r["name"] == s and r["impl"] == impl)
+                  for s in sizes]
+        ratios.bar([i + n * width for i in range(len(sizes))], values, width, label=names[impl])
+    ratios.axhline(1.0, color="black", linewidth=0.8)
+    ratios.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], sizes)
+    ratios.set_ylabel("median time / nn.MultiheadAttention")
+    ratios.set_title("attention fwd+bwd, cpu float32 (lower is faster)")
+    ratios.legend(fontsize=8)
+    for device, dtype in _groups(results["sweep"]):
+        rows = [r for r in results["sweep"] if (r["device"], r["dtype"]) == (device, dtype)]
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            mine = [r for r in rows if r["impl"] == impl]
+            label = f"{names[impl]} ({device} {dtype})"
+            times.plot([r["context"] for r in mine], [r["median_s"] * 1e3 for r in mine], "o-",
+                       label=label)
+            memory.plot([r["context"] for r in mine], [r["peak_bytes"] / 2**20 for r in mine],
+                        "o-", label=label)
+    for axis, ylabel, title in ((times, "median ms", "fwd+bwd time vs context"),
+                                (memory, "peak MiB", "fwd+bwd peak memory vs context")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("context length (batch 1)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"TinyGPT attention on {results['machine']['cpu']}, torch threads: "
+                    f"{results['machine']['threads']}, torch {results['machine']['torch']}"
+                    + (" (--quick)" if results["quick"] else ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,142 @@
+"""`make bench`: the --quick run is complete and well-formed (never its times), and the pieces it
+trusts (agreement check, FLOP count, CPU peak memory, the fused variant) do what they claim."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.bench import QUICK
+from benchmarks.flops import attention_flops
+from benchmarks.harness import peak_memory
+from benchmarks.implementations import (
+    IMPLEMENTATIONS,
+    FusedAttention,
+    check_attention_agreement,
+    fused_twin,
+)
+from tinygpt.attention import MultiHeadAttention, causal_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("## Attention, cpu float32", "## Targets", "## Context sweep, cpu float32",
+            "## Training step of the whole model, cpu float32", "## Generation")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads((out / "bench.json").read_text()), out
+
+
+def test_quick_table_has_every_section_and_row(quick_run):
+    stdout, results, out = quick_run
+    assert stdout.strip() == (out / "bench.md").read_text().strip()
+    for section in SECTIONS:
+        assert section in stdout
+    assert "CUDA: " in stdout and "Dense matmul roof, cpu float32" in stdout
+    attention_lines = [line for line in stdout.splitlines()
+                       if line.startswith("| seed (2, 8, 16, 2) |")]
+    assert len(attention_lines) == len(IMPLEMENTATIONS) * 2  # forward, forward+backward
+    for label in IMPLEMENTATIONS.values():
+        assert sum(label in line for line in attention_lines) == 2
+    assert "nan" not in stdout.lower().replace("nanosec", "")
+
+
+def test_quick_json_is_complete(quick_run):
+    _, results, _ = quick_run
+    assert results["quick"] is True
+    assert results["machine"]["cpu"] and results["machine"]["torch"] == torch.__version__
+    assert results["machine"]["threads"] == 1
+    groups = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "bfloat16")]
+                                     if torch.cuda.is_available() else [])
+    assert [(m["device"], m["dtype"]) for m in results["matmul"]] == groups
+    assert all(m["flops_per_s"] > 0 for m in results["matmul"])
+
+    attention = results["attention"]
+    assert len(attention) == len(groups) * len(QUICK.shapes) * len(IMPLEMENTATIONS) * 2
+    for row in attention:
+        assert row["median_s"] > 0 and row["iqr_s"] >= 0 and row["blocks"] >= 1
+        assert row["flops"] == attention_flops(row["batch"], row["context"], row["d_model"],
+                                               backward=row["pass"] == "forward+backward")
+        assert math.isfinite(row["fraction_of_matmul"]) and row["fraction_of_matmul"] > 0
+        assert math.isfinite(row["ratio_vs_mha"]) and row["max_abs_diff_vs_mha"] < 1e-3
+        if row["impl"] == "mha":
+            assert row["ratio_vs_mha"] == 1.0
+
+    sweep = results["sweep"]
+    assert len(sweep) == len(groups) * len(QUICK.sweep_contexts) * len(IMPLEMENTATIONS)
+    assert {row["context"] for row in sweep} == set(QUICK.sweep_contexts)
+    assert all(isinstance(row["peak_bytes"], int) and row["peak_bytes"] > 0 for row in sweep)
+
+    model = results["model"]
+    assert len(model) == len(groups) * len(QUICK.model_configs) * len(IMPLEMENTATIONS)
+    assert all(row["tokens_per_s"] > 0 for row in model)
+
+    generation = results["generation"]
+    n_devices = 1 + torch.cuda.is_available()
+    assert [row["use_cache"] for row in generation] == [False, True] * n_devices
+    assert all(row["tokens_per_s"] > 0 for row in generation)
+
+    assert len(results["targets"]) == 2 * len(QUICK.shapes) * (1 + torch.cuda.is_available())
+    assert all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in results["targets"])
+
+
+def test_quick_plot_is_a_png(quick_run):
+    _, _, out = quick_run
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_flops_formula():
+    # b=2, t=3, E=4: 8·2·3·16 + 4·2·9·4 = 768 + 288
+    assert attention_flops(2, 3, 4, backward=False) == 1056
+    assert attention_flops(2, 3, 4, backward=True) == 3 * 1056
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    def allocate_and_free():
+        big = torch.ones(1 << 20)  # 4 MiB, freed on return
+        return float(big[0])
+
+    peak = peak_memory(allocate_and_free, torch.device("cpu"))
+    assert 4 * 2**20 <= peak < 5 * 2**20
+    assert peak_memory(lambda: None, torch.device("cpu")) == 0
+
+
+def test_fused_variant_matches_hand_written_and_refuses_a_boolean_mask():
+    torch.manual_seed(0)
+    hand = MultiHeadAttention(12, 3).double()
+    fused = fused_twin(hand)
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    mask = causal_mask(5).double()
+    torch.testing.assert_close(fused(x, attn_mask=mask)[0], hand(x, attn_mask=mask)[0],
+                               rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="additive float mask"):
+        fused(x, attn_mask=torch.isinf(mask))
+    assert isinstance(fused, FusedAttention)
+
+
+def test_agreement_check_catches_a_leaky_implementation():
+    torch.manual_seed(0)
+    hand = MultiHeadAttention(8, 2)
+    fused = fused_twin(hand)
+    implementations = {
+        "mha": lambda x, mask: fused(x, attn_mask=mask)[0],
+        "hand": lambda x, mask: hand(x, attn_mask=mask)[0],
+        "leaky": lambda x, mask: hand(x)[0],  # forgot the mask: sees the future
+    }
+    with pytest.raises(RuntimeError, match="leaky disagrees with mha"):
+        check_attention_agreement(implementations, torch.randn(2, 6, 8), dtype=torch.float32)
+    del implementations["leaky"]
+    assert check_attention_agreement(implementations, torch.randn(2, 6, 8),
+                                     dtype=torch.float32)["hand"] < 1e-5
