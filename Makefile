@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test summary clean
+.PHONY: install test summary clean data train sample bench-train
 
 install: $(STAMP)
 
@@ -22,6 +22,25 @@ test: $(STAMP)
 
 summary: $(STAMP)
 	$(VENV)/bin/tinygpt summary --config seed
+
+# `make train`: the default corpus, the shakespeare-cpu preset, about five minutes on two cores,
+# a checkpoint in runs/, then a 500-character sample. TRAIN_ARGS adds any `tinygpt train` option.
+TRAIN_STEPS ?= 4000
+TRAIN_ARGS  ?=
+
+data: $(STAMP)
+	$(VENV)/bin/tinygpt prepare --corpus shakespeare
+
+train: data
+	$(VENV)/bin/tinygpt train --corpus shakespeare --config shakespeare-cpu --steps $(TRAIN_STEPS) \
+		--eval-every 250 $(TRAIN_ARGS)
+	$(VENV)/bin/tinygpt sample --tokens 500
+
+sample: $(STAMP)
+	$(VENV)/bin/tinygpt sample --tokens 500
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/train_recipe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

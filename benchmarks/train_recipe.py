@@ -52,13 +52,14 @@ def flops_per_token(config: ModelConfig) -> float:
     return 6 * params + 12 * config.n_layers * config.d_model * config.max_seq
 
 
-def run(label, token_dir, tokenizer, model_config, train_config, until=None):
-    with tempfile.TemporaryDirectory() as run_dir:
+def run(label, token_dir, tokenizer, model_config, train_config, until=None, keep=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(keep or tmp)
         started = time.perf_counter()
         result = train(run_dir, TokenData.open(token_dir), tokenizer, model_config, train_config,
                        until=until)
         wall = time.perf_counter() - started
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["ms_per_step"] for r in records if "val_loss" not in r][10:]  # skip burn-in/compile
     ms = statistics.median(steps)
     tokens = train_config.batch_size * model_config.max_seq
@@ -77,6 +78,8 @@ def main() -> None:
                         help="iterations timed with torch.compile (0 to skip)")
     parser.add_argument("--eval-batches", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--keep-run", default=None, metavar="DIR",
+                        help="keep the eager run (checkpoint, metrics, loss curve) in this new directory")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override TrainConfig fields, e.g. warmup_steps=50 init=model")
     args = parser.parse_args()
@@ -100,7 +103,7 @@ def main() -> None:
     peak = matmul_peak()
     per_token = flops_per_token(model_config)
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; {per_token / 1e6:.2f} MFLOP per token", flush=True)
-    eager_ms, val = run("eager", token_dir, tokenizer, model_config, train_config)
+    eager_ms, val = run("eager", token_dir, tokenizer, model_config, train_config, keep=args.keep_run)
     tokens = train_config.batch_size * model_config.max_seq
     print(f"eager: {1000 * tokens / eager_ms * per_token / 1e9:.2f} GFLOP/s = "
           f"{1000 * tokens / eager_ms * per_token / peak:.1%} of matmul peak")

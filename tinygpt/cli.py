@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenizer_train.add_argument("--out", required=True, help="JSON file to write")
     tokenizer_train.set_defaults(run=_cmd_tokenizer_train)
 
-    from tinygpt.train import TrainConfig
+    from tinygpt.train import INITS, TrainConfig
 
     defaults = TrainConfig()
     train = commands.add_parser("train", help="train a model (torchrun -m tinygpt train for DDP)")
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = f"--{field.name.replace('_', '-')}"
         if field.name == "device":
             train.add_argument(flag, default=default, choices=("cpu", "cuda", "auto"))
+        elif field.name == "init":
+            train.add_argument(flag, default=default, choices=INITS,
+                               help="weight initialisation (default: the model's own)")
         elif isinstance(default, bool):
             train.add_argument(flag, action="store_true", help="torch.compile the model")
         else:
