@@ -63,6 +63,21 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def test_gpt2_init_scales_residual_projections():
+    from tinygpt.model import TinyDecoderModel
+    from tinygpt.train import gpt2_init
+
+    torch.manual_seed(0)
+    model = TinyDecoderModel(replace(MODEL, d_model=64, d_ff=256, n_layers=2))
+    gpt2_init(model)
+    params = dict(model.named_parameters())
+    assert params["blocks.0.attention.in_proj.weight"].std().item() == pytest.approx(0.02, rel=0.05)
+    assert params["blocks.1.mlp.2.weight"].std().item() == pytest.approx(0.01, rel=0.05)  # 0.02/sqrt(4)
+    assert params["blocks.1.attention.out_proj.weight"].std().item() == pytest.approx(0.01, rel=0.05)
+    assert all(not p.any() for n, p in params.items() if n.endswith("bias"))
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items() if "norm" in n and n.endswith("weight"))
+
+
 def test_learns_a_corpus_with_known_best_loss(tmp_path):
     """A cycle of 6 symbols is fully predictable: the loss must fall far below uniform ln 7."""
     text, best = synthetic_text("cycle", 2000, n_symbols=6)

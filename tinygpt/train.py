@@ -186,7 +186,7 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
         step = _restore(run_dir, model, optimizer, batches, model_config, tokenizer)
         if rank == 0:
             _truncate_metrics(run_dir / "metrics.jsonl", step)
-    elif rank == 0 and checkpoint_dirs(run_dir):
+    elif checkpoint_dirs(run_dir):
         raise CheckpointError(
             f"run directory {str(run_dir)!r} already has checkpoints; pass --resume or a new --name."
         )
