@@ -99,12 +99,19 @@ def test_shakespeare_cache_is_used(tmp_path):
 # --- tinyshakespeare (download against a loopback server) -----------------------------------
 
 class _Server:
+    """An HTTP server on 127.0.0.1 (a free port) that answers every GET with `body`."""
+
     def __init__(self, body: bytes):
-        handler = type("H", (http.server.BaseHTTPRequestHandler,), {
-            "do_GET": lambda self: (self.send_response(200), self.end_headers(), self.wfile.write(body)),
-            "log_message": lambda self, *a: None,
-        })
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), handler)
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/input.txt"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
