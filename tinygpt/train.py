@@ -218,20 +218,8 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            for k in range(config.grad_accum):
-                x, y = data.batch("train", micro, model_config.max_seq, batches)
-                lo, hi = rank * micro // world, (rank + 1) * micro // world
-                x, y = x[lo:hi].to(device, non_blocking=True), y[lo:hi].to(device, non_blocking=True)
-                sync = nullcontext() if world == 1 or k == config.grad_accum - 1 else net.no_sync()
-                with sync, autocast:
-                    loss = next_token_loss(net(x), y) / config.grad_accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if world > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            train_loss = loss_sum.item()
+            train_loss = _accumulate_gradients(net, data, batches, micro, model_config.max_seq,
+                                               config.grad_accum, device, autocast, rank, world)
             if not math.isfinite(train_loss):
                 raise NonFiniteLossError(
                     f"loss became {train_loss} at step {step + 1}; stopped, keeping the last good "
@@ -276,6 +264,30 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
     if rank == 0:
         plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     return TrainResult(step=step, checkpoint=last_ckpt, val_loss=val_loss, interrupted=interrupted)
+
+
+def _accumulate_gradients(net: nn.Module, data: TokenData, batches: torch.Generator, micro: int,
+                          max_seq: int, grad_accum: int, device: torch.device, autocast,
+                          rank: int, world: int) -> float:
+    """Forward and backward `grad_accum` micro-batches; return the step's mean loss (all ranks).
+
+    Every rank draws the same global micro-batch `(micro t)` and keeps its `micro / world` rows;
+    DDP averages the gradients, so the step equals one process on the whole batch.
+    """
+    loss_sum = torch.zeros((), device=device)
+    lo, hi = rank * micro // world, (rank + 1) * micro // world
+    for k in range(grad_accum):
+        x, y = data.batch("train", micro, max_seq, batches)
+        x, y = x[lo:hi].to(device, non_blocking=True), y[lo:hi].to(device, non_blocking=True)
+        sync = nullcontext() if world == 1 or k == grad_accum - 1 else net.no_sync()
+        with sync, autocast:
+            loss = next_token_loss(net(x), y) / grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum)
+        loss_sum /= world
+    return loss_sum.item()
 
 
 def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
