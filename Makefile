@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test summary clean data train sample bench-train
+.PHONY: install test summary clean chromium figures data train sample bench-train
 
 install: $(STAMP)
 
@@ -17,8 +17,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# The browser test (tests/test_pictures_browser.py) drives Debian's chromium; in CI it fails rather
+# than skips when chromium is missing, so install it here (as root) when it is not there yet.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; \
+	  else echo "/usr/bin/chromium is missing: run 'sudo apt-get install -y chromium' for the browser test"; fi; \
+	fi
+
+# The README heatmap and the tour's figures (trains a small model for a few minutes).
+figures: $(STAMP)
+	$(PY) docs/make_figures.py
 
 summary: $(STAMP)
 	$(VENV)/bin/tinygpt summary --config seed

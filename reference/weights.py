@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from reference.model import ReferenceDecoderModel
 from tinygpt.attention import MultiHeadAttention
 from tinygpt.model import TinyDecoderModel
 
 # tinygpt's fused Linear `in_proj` <-> nn.MultiheadAttention's packed parameters (q, k, v rows).
 _HAND_TO_REFERENCE = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
 _HAND_TYPES = (TinyDecoderModel, MultiHeadAttention)
+_TWINS = ((TinyDecoderModel, ReferenceDecoderModel), (MultiHeadAttention, nn.MultiheadAttention))
 
 
 def _rename(key: str, mapping: dict[str, str]) -> str:
@@ -39,8 +41,10 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
     Refuses a config mismatch, and loads with `strict=True` so that no parameter is left behind: a
     non-strict load would silently keep `dst`'s untrained attention.
     """
-    if isinstance(src, _HAND_TYPES) == isinstance(dst, _HAND_TYPES):
-        raise TypeError("copy_weights copies between a hand-written module and its reference twin.")
+    hand, reference = (src, dst) if isinstance(src, _HAND_TYPES) else (dst, src)
+    if not any(isinstance(hand, h) and isinstance(reference, r) for h, r in _TWINS):
+        raise TypeError("copy_weights copies between a hand-written module and its reference twin, "
+                        f"not {type(src).__name__} and {type(dst).__name__}.")
     if _shape(src) != _shape(dst):
         raise ValueError(f"cannot copy weights between {_shape(src)} and {_shape(dst)}.")
     mapping = _HAND_TO_REFERENCE if isinstance(src, _HAND_TYPES) else {

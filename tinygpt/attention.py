@@ -12,6 +12,8 @@ it is not.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
@@ -94,6 +96,25 @@ def scaled_dot_product(q, k, v, mask=None, *, dropout_p=0.0, hook=_no_hook):
     return out, weights
 
 
+@dataclass
+class KVCache:
+    """Keys and values `(b h j d)` one attention layer has already computed, so that decoding a new
+    token projects one position instead of re-running the window. Appended along j."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions' k and v `(b h t d)`; return all keys and values `(b h j d)`."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
 class HookPoint(nn.Identity):
     """An identity whose forward hooks observe or replace one activation (see `inspection`)."""
 
@@ -117,15 +138,18 @@ class MultiHeadAttention(nn.Module):
         return getattr(self, f"hook_{name}")(x)
 
     def forward(self, x, attn_mask=None, key_padding_mask=None, need_weights=False,
-                average_attn_weights=True):
+                average_attn_weights=True, cache: KVCache | None = None):
         """x `(b t (h d))` -> out `(b t (h d))`, weights `(b i j)`, `(b h i j)` or None.
 
         Masks follow MHA: `attn_mask (i j)` and `key_padding_mask (b j)`, each either additive
-        float or boolean with True = blocked.
+        float or boolean with True = blocked. With a `cache`, the t new positions are the last
+        queries and attend to the cached keys too, so j counts cached + new positions.
         """
         qkv = self.in_proj(x)
         q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if cache is not None:
+            k, v = cache.append(k, v)  # b h j d
         if key_padding_mask is not None:
             key_padding_mask = rearrange(_additive(key_padding_mask, q.dtype), "b j -> b 1 1 j")
         mask = combine_masks(_additive(attn_mask, q.dtype), key_padding_mask)

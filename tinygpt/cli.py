@@ -161,6 +161,154 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(ckpt.tokenizer.decode(out[0].tolist()))
 
 
+def _inspection_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _inspection_checkpoint(args: argparse.Namespace):
+    from tinygpt.checkpoint import latest_run, load_checkpoint
+
+    run = args.checkpoint if args.checkpoint is not None else latest_run(args.runs_dir)
+    ckpt = load_checkpoint(run, device=_inspection_device(args.device))
+    if getattr(args, "lora", None) is not None:
+        from tinygpt.lora import load_lora, merge_lora
+
+        ckpt.model = merge_lora(load_lora(ckpt.model, args.lora))
+    return run, ckpt
+
+
+def _read_corpus(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    if not text:
+        raise ValueError(f"corpus {path!r} is empty.")
+    return text
+
+
+def _cmd_heads(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinygpt.inspection import classify_heads, eval_windows, head_importance
+
+    if not 0.0 < args.val_fraction <= 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1], got {args.val_fraction}.")
+    _, ckpt = _inspection_checkpoint(args)
+    ids = ckpt.tokenizer.encode(_read_corpus(args.corpus))
+    held_out = ids[len(ids) - max(int(len(ids) * args.val_fraction), ckpt.config.max_seq + 1):]
+    idx, targets = eval_windows(held_out, ckpt.config.max_seq, args.windows)
+    device = next(ckpt.model.parameters()).device
+    idx, targets = idx.to(device), targets.to(device)
+    base, rise = head_importance(ckpt.model, idx, targets)
+    scores = classify_heads(ckpt.model, idx, threshold=args.threshold)
+    print(f"validation loss {base:.4f} on {idx.shape[0]} windows of {idx.shape[1]} tokens "
+          f"(step {ckpt.step}); loss rise when each head alone is zero-ablated:")
+    print(f"{'layer':>5} {'head':>4} {'loss rise':>9} {'prev':>6} {'first':>6} {'self':>6}  kind")
+    for s in scores:
+        print(f"{s.layer:>5} {s.head:>4} {rise[s.layer, s.head].item():>+9.4f} "
+              f"{s.previous_token:>6.3f} {s.first_token:>6.3f} {s.self_token:>6.3f}  {s.kind}")
+    top = torch.argmax(rise).item()
+    print(f"most important: layer {top // rise.shape[1]} head {top % rise.shape[1]}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinygpt.pictures import attention_patterns, plot_attention_grid, save_attention_html
+
+    if args.out is None and args.html is None:
+        raise ValueError("give --out FILE.png, --html FILE.html or both.")
+    if not args.prompt:
+        raise ValueError("the prompt is empty.")
+    run, ckpt = _inspection_checkpoint(args)
+    ids = ckpt.tokenizer.encode(args.prompt)[-ckpt.config.max_seq:]
+    if not ids:
+        raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens.")
+    idx = torch.tensor([ids], device=next(ckpt.model.parameters()).device)
+    patterns = attention_patterns(ckpt.model, idx)
+    tokens = [ckpt.tokenizer.decode([i]) for i in ids]
+    title = f"{run} (step {ckpt.step}): {args.prompt[:60]!r}"
+    if args.out is not None:
+        print(f"wrote {plot_attention_grid(patterns, tokens, args.out, title=title)}")
+    if args.html is not None:
+        print(f"wrote {save_attention_html(patterns, tokens, args.html, title=title)}")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tinygpt.lora import LoraSettings, add_lora, finetune, save_lora
+
+    settings = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
+                            targets=tuple(args.lora_targets))
+    run, ckpt = _inspection_checkpoint(args)
+    ids = ckpt.tokenizer.encode(_read_corpus(args.corpus))
+    adapted = add_lora(ckpt.model, settings)
+    losses = finetune(adapted, ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      seed=args.seed)
+    out = save_lora(adapted, args.out if args.out is not None else Path(run) / "lora")
+    if losses:
+        k = max(1, len(losses) // 10)  # one batch is noisy: compare the first and last tenths
+        print(f"LoRA rank {settings.rank} on {', '.join(settings.targets)}: mean loss "
+              f"{sum(losses[:k]) / k:.4f} (first {k} steps) -> {sum(losses[-k:]) / k:.4f} "
+              f"(last {k}) in {len(losses)} steps")
+    print(f"wrote adapters to {out}")
+
+
+def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", default=None, metavar="RUN",
+                        help="run directory (default: the newest run under --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs", help="where runs live (default: runs)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto picks CUDA when present (default: auto)")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinygpt.checkpoint import latest_run, load_checkpoint
+    from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
+
+    if args.beam is not None and args.stream:
+        raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
+                         "--beam.")
+    device = _inspection_device(args.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available.")
+    checkpoint = load_checkpoint(args.checkpoint or latest_run(args.runs_dir), device=device)
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    prompt = args.prompt or "\n"  # an empty prompt starts from a newline
+    ids = encode_prompt(tokenizer, prompt)
+    unknown = unknown_characters(tokenizer, prompt)
+    if unknown:
+        print(f"tinygpt: note: characters outside the vocabulary became <unk>: "
+              f"{' '.join(map(repr, unknown))}", file=sys.stderr)
+    if args.beam is not None:
+        beams = beam_search(model, [ids], args.max_new_tokens, beam_width=args.beam,
+                            use_cache=not args.no_cache, policy=args.policy)
+        for rank, beam in enumerate(beams, 1):
+            print(f"--- beam {rank}: log-prob {beam.log_prob:.4f}")
+            print(tokenizer.decode(beam.tokens.tolist()))
+        return
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    pieces = stream(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop or (),
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    use_cache=not args.no_cache, policy=args.policy, generator=generator)
+    if args.stream:
+        sys.stdout.write(prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(prompt + "".join(pieces))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinygpt", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -219,6 +367,66 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     sample.set_defaults(run=_cmd_sample)
+
+    gen = commands.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    _add_checkpoint_options(gen)
+    gen.add_argument("--prompt", default="", help="text to continue (empty: start from a newline)")
+    gen.add_argument("--max-new-tokens", type=int, default=500)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="keep the smallest set of most likely tokens reaching probability p")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed the sampler: same seed, same text")
+    gen.add_argument("--beam", type=int, default=None, metavar="W",
+                     help="beam search of width W instead of sampling; prints the W best")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="end the text before TEXT (repeatable)")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is produced")
+    gen.add_argument("--no-cache", action="store_true",
+                     help="recompute the context every step instead of using the KV cache")
+    gen.add_argument("--policy", choices=("exact", "fast"), default="exact",
+                     help="when the context outgrows max_seq: exact slides it every token; fast "
+                          "keeps its newest half and re-fills the cache once (default: exact)")
+    gen.set_defaults(run=_cmd_generate)
+
+    heads = commands.add_parser("heads", help="rank heads by ablation loss rise and classify them")
+    _add_checkpoint_options(heads)
+    heads.add_argument("--corpus", required=True, help="text file; its tail is the validation set")
+    heads.add_argument("--val-fraction", type=float, default=0.1,
+                       help="fraction of the corpus at its end used for validation (default: 0.1)")
+    heads.add_argument("--windows", type=int, default=32,
+                       help="validation windows of max_seq tokens (default: 32)")
+    heads.add_argument("--threshold", type=float, default=0.4,
+                       help="score a head needs to be given a kind (default: 0.4)")
+    heads.add_argument("--lora", default=None, metavar="DIR",
+                       help="merge these adapters (from tinygpt finetune) into the model first")
+    heads.set_defaults(run=_cmd_heads)
+
+    inspect = commands.add_parser("inspect", help="draw every head's attention on a prompt")
+    _add_checkpoint_options(inspect)
+    inspect.add_argument("--prompt", required=True, help="text whose attention is drawn")
+    inspect.add_argument("--out", default=None, help="PNG grid of heatmaps, layers by heads")
+    inspect.add_argument("--html", default=None, help="self-contained interactive HTML page")
+    inspect.add_argument("--lora", default=None, metavar="DIR",
+                         help="merge these adapters (from tinygpt finetune) into the model first")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    lora = commands.add_parser("finetune", help="fine-tune LoRA adapters on a corpus (peft)")
+    _add_checkpoint_options(lora)
+    lora.add_argument("--corpus", required=True, help="text file to fine-tune on")
+    lora.add_argument("--lora-rank", type=int, default=8, help="adapter rank r (default: 8)")
+    lora.add_argument("--lora-alpha", type=float, default=16.0, help="scale alpha (default: 16)")
+    lora.add_argument("--lora-targets", nargs="+", default=["in_proj", "out_proj"],
+                      metavar="TARGET", help="linear layers to adapt, from: in_proj out_proj "
+                      "mlp.0 mlp.2 head (default: in_proj out_proj)")
+    lora.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    lora.add_argument("--batch-size", type=int, default=16, help="windows per step (default: 16)")
+    lora.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    lora.add_argument("--seed", type=int, default=0, help="seed of the batch sampler (default: 0)")
+    lora.add_argument("--out", default=None,
+                      help="adapter directory (default: RUN/lora, beside the base checkpoints)")
+    lora.set_defaults(run=_cmd_finetune)
     return parser
 
 

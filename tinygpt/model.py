@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tinygpt.attention import HookPoint, MultiHeadAttention, causal_mask
+from tinygpt.attention import HookPoint, KVCache, MultiHeadAttention, causal_mask
 from tinygpt.config import ModelConfig
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -38,18 +38,19 @@ class DecoderBlock(nn.Module):
         for name in self.HOOKS:
             self.add_module(f"hook_{name}", HookPoint())
 
-    def _attend(self, x: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+    def _attend(self, x: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None,
+                cache: KVCache | None) -> Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        out, _ = self.attention(x, attn_mask=mask, key_padding_mask=key_padding_mask)
+        out, _ = self.attention(x, attn_mask=mask, key_padding_mask=key_padding_mask, cache=cache)
         return self.hook_attn_out(self.dropout(out))
 
-    def forward(self, x, mask=None, key_padding_mask=None):  # b t (h d) -> b t (h d)
+    def forward(self, x, mask=None, key_padding_mask=None, cache=None):  # b t (h d) -> b t (h d)
         x = self.hook_resid_pre(x)
         if self.norm_first:
-            x = self.hook_resid_mid(x + self._attend(self.norm1(x), mask, key_padding_mask))
+            x = self.hook_resid_mid(x + self._attend(self.norm1(x), mask, key_padding_mask, cache))
             return self.hook_resid_post(x + self.hook_mlp_out(self.dropout(self.mlp(self.norm2(x)))))
-        x = self.hook_resid_mid(self.norm1(x + self._attend(x, mask, key_padding_mask)))
+        x = self.hook_resid_mid(self.norm1(x + self._attend(x, mask, key_padding_mask, cache)))
         return self.hook_resid_post(self.norm2(x + self.hook_mlp_out(self.dropout(self.mlp(x)))))
 
 
@@ -69,17 +70,48 @@ class TinyDecoderModel(nn.Module):
         self.register_buffer("causal_mask", causal_mask(config.max_seq), persistent=False)
         init_weights(self)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx `(b t)` token ids -> logits `(b t v)`."""
+    def forward(self, idx: Tensor, *, cache: list[KVCache] | None = None,
+                positions: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+        """idx `(b t)` token ids -> logits `(b t v)`.
+
+        The keywords serve decoding (`tinygpt.generate`). `cache` (from `new_cache`) holds each
+        block's earlier keys and values: the t tokens follow the cached positions and their keys are
+        appended. `positions (b t)` overrides each token's position, for rows padded on the left;
+        `key_padding_mask (b j)` is True where key j (cached or new) is padding.
+        """
         check_token_ids(idx, self.config)
         t = idx.shape[1]
-        x = self.dropout(self.embedding(idx) + self.positional[:t])
-        mask = self.causal_mask[:t, :t].to(x.dtype)
-        for block in self.blocks:
-            x = block(x, mask)
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}.")
+        past = 0 if cache is None else cache[0].length
+        if past + t > self.config.max_seq:
+            raise ValueError(
+                f"{past} cached + {t} new positions exceed max_seq={self.config.max_seq}."
+            )
+        x = self.dropout(self.embedding(idx) + self._positional(idx, positions, past))
+        mask = self.causal_mask[past:past + t, :past + t].to(x.dtype)  # = causal_mask(t, past + t)
+        for block, layer_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
+            x = block(x, mask, key_padding_mask, layer_cache)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.head(x)
+
+    def _positional(self, idx: Tensor, positions: Tensor | None, past: int) -> Tensor:
+        """Position embeddings `(t (h d))` after the cache, or `(b t (h d))` for given positions."""
+        if positions is None:
+            return self.positional[past:past + idx.shape[1]]
+        if positions.shape != idx.shape:
+            raise ValueError(
+                f"positions {tuple(positions.shape)} must match idx {tuple(idx.shape)}."
+            )
+        low, high = positions.aminmax()
+        if low < 0 or high >= self.config.max_seq:
+            raise ValueError(f"positions must lie in 0..{self.config.max_seq - 1}.")
+        return self.positional[positions]
+
+    def new_cache(self) -> list[KVCache]:
+        """An empty key/value cache, one `KVCache` per block, for `forward(..., cache=)`."""
+        return [KVCache() for _ in self.blocks]
 
 
 def init_weights(model: nn.Module) -> None:
@@ -104,8 +136,8 @@ def init_weights(model: nn.Module) -> None:
 
 def check_token_ids(idx: Tensor, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad value, before an index error deep inside torch does."""
-    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"token ids must be an integer tensor, got dtype {idx.dtype}.")
+    if idx.dtype not in (torch.int64, torch.int32):  # the index dtypes nn.Embedding accepts
+        raise ValueError(f"token ids must be an int64 or int32 tensor, got dtype {idx.dtype}.")
     if idx.ndim != 2:
         raise ValueError(f"token ids must have shape (batch, time), got {tuple(idx.shape)}.")
     t = idx.shape[1]

@@ -1,0 +1,151 @@
+"""Generation speed: the KV cache against recomputation, and tokens/s for each slide policy.
+
+Two measurements from issue 4, each taken in one run so that ratios compare like with like:
+
+1. `baby` preset (context 256): 256 new tokens from a one-token prompt, with and without the
+   cache (target: cache >= 4x faster), and the cached cost per token in each quarter of the window
+   (target: flat, i.e. last quarter / first quarter close to 1).
+2. `shakespeare-cpu` preset: 500 new tokens from a short prompt, tokens/s for each policy with and
+   without the cache (target: >= 1,200 tokens/s with the fast policy and the cache).
+
+Speed does not depend on the values of the weights, only on the sizes, so without a checkpoint the
+models get random weights of the preset's size. `measure_generation()` returns the rows for the
+overall benchmark; run this file to print them:
+
+    .venv/bin/python benchmarks/generation.py [--checkpoint runs/NAME] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tinygpt import ModelConfig, TinyDecoderModel
+from tinygpt.generate import POLICIES, generate, generate_steps
+
+TARGET_CACHE_SPEEDUP = 4.0
+TARGET_FAST_TOKENS_PER_S = 1200.0
+
+
+def _random_model(preset: str) -> TinyDecoderModel:
+    torch.manual_seed(0)
+    return TinyDecoderModel(ModelConfig.preset(preset)).eval()
+
+
+def _timed(model, prompt, n, **options) -> float:
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    out = generate(model, prompt, n, generator=generator, **options)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + n
+    return seconds
+
+
+def _step_times(model, prompt, n) -> list[float]:
+    """Seconds spent on each new token (cached, exact policy)."""
+    times, generator = [], torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in generate_steps(model, prompt, n, generator=generator):
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
+    return times
+
+
+def cache_speedup(model: TinyDecoderModel, n: int = 256, label: str = "baby") -> list[dict]:
+    """Cache against no cache from a one-token prompt, and the cached cost per window quarter."""
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    _timed(model, prompt, 8)  # warm-up
+    cached = _timed(model, prompt, n)
+    uncached = _timed(model, prompt, n, use_cache=False)
+    rows = [
+        dict(model=label, measure="cache", tokens=n, seconds=cached, tokens_per_s=n / cached),
+        dict(model=label, measure="no cache", tokens=n, seconds=uncached,
+             tokens_per_s=n / uncached),
+        dict(model=label, measure="cache speedup", value=uncached / cached,
+             target=f">= {TARGET_CACHE_SPEEDUP:g}", met=uncached / cached >= TARGET_CACHE_SPEEDUP),
+    ]
+    times = _step_times(model, prompt, n)[1:]  # the first step is the prefill
+    quarter = len(times) // 4
+    medians = [statistics.median(times[k * quarter:(k + 1) * quarter]) for k in range(4)]
+    for k, median in enumerate(medians):
+        rows.append(dict(model=label, measure=f"cached ms/token, positions {k * quarter + 1}-"
+                         f"{(k + 1) * quarter}", value=1e3 * median))
+    rows.append(dict(model=label, measure="cached cost, last / first quarter",
+                     value=medians[-1] / medians[0], target="about 1 (flat)"))
+    return rows
+
+
+def policy_speeds(model: TinyDecoderModel, prompt: torch.Tensor, n: int = 500,
+                  label: str = "shakespeare-cpu") -> list[dict]:
+    """tokens/s for each slide policy, with and without the cache."""
+    _timed(model, prompt, 8)  # warm-up
+    rows = []
+    for policy in POLICIES:
+        for use_cache in (True, False):
+            seconds = _timed(model, prompt, n, policy=policy, use_cache=use_cache)
+            row = dict(model=label, measure=f"{policy}, {'cache' if use_cache else 'no cache'}",
+                       tokens=n, seconds=seconds, tokens_per_s=n / seconds)
+            if policy == "fast" and use_cache:
+                row.update(target=f">= {TARGET_FAST_TOKENS_PER_S:g} tokens/s",
+                           met=n / seconds >= TARGET_FAST_TOKENS_PER_S)
+            rows.append(row)
+    return rows
+
+
+def measure_generation(checkpoint: str | None = None, baby_checkpoint: str | None = None,
+                       threads: int | None = None) -> list[dict]:
+    """Every row of this benchmark. Checkpoints (run directories) replace the random weights."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows = []
+    with torch.inference_mode():
+        baby = _load_checkpoint(baby_checkpoint).model if baby_checkpoint else _random_model("baby")
+        rows += cache_speedup(baby, label="baby" + ("" if baby_checkpoint else " (random)"))
+        if checkpoint:
+            loaded = _load_checkpoint(checkpoint)
+            model, prompt = loaded.model, torch.tensor([loaded.tokenizer.encode("ROMEO:")])
+            label = f"{loaded.path.parent.name} (step {loaded.step})"
+        else:
+            model, prompt = _random_model("shakespeare-cpu"), torch.arange(6)[None]
+            label = "shakespeare-cpu (random)"
+        rows += policy_speeds(model, prompt, label=label)
+    for row in rows:
+        row["threads"] = torch.get_num_threads()
+    return rows
+
+
+def _load_checkpoint(run: str):
+    from tinygpt.checkpoint import load_checkpoint
+
+    return load_checkpoint(run, device="cpu")
+
+
+def _format(row: dict) -> str:
+    if "tokens_per_s" in row:
+        text = (f"{row['tokens']} tokens in {row['seconds']:.2f} s = "
+                f"{row['tokens_per_s']:,.0f} tokens/s")
+    else:
+        text = f"{row['value']:.2f}"
+    if "target" in row:
+        text += f"   (target {row['target']}" + (
+            f": {'met' if row['met'] else 'NOT met'})" if "met" in row else ")")
+    return f"{row['model']:<28} {row['measure']:<40} {text}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint",
+                        help="trained shakespeare-cpu run (default: random weights)")
+    parser.add_argument("--baby-checkpoint", help="trained baby run (default: random weights)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    for row in measure_generation(args.checkpoint, args.baby_checkpoint, args.threads):
+        print(_format(row))
+
+
+if __name__ == "__main__":
+    main()

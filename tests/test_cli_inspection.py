@@ -1,0 +1,113 @@
+"""`tinygpt heads`, `tinygpt inspect` and `tinygpt finetune` on a tiny checkpoint made here."""
+
+import hashlib
+import re
+
+import matplotlib.image
+import pytest
+import torch
+
+from tinygpt import ModelConfig, TinyDecoderModel
+from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.cli import main
+from tinygpt.inspection import classify_heads, eval_windows, head_importance
+from tinygpt.tokenizer import CharTokenizer
+
+TEXT = 30 * "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me!\n\n"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspection-cli")
+    tokenizer = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, norm_first=True)
+    save_checkpoint(root / "runs" / "base", model=TinyDecoderModel(config), tokenizer=tokenizer,
+                    step=7)
+    corpus = root / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    return root / "runs" / "base", corpus
+
+
+def _digests(directory):
+    return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_heads_prints_every_heads_ablation_loss_rise_and_kind(run, capsys):
+    run_dir, corpus = run
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus),
+                 "--device", "cpu", "--windows", "4", "--val-fraction", "0.5"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s+(\d)\s+(\d)\s+([+-]\d\.\d{4})\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)
+    assert len(rows) == 8
+    # The numbers are the library's on the same windows.
+    ckpt = load_checkpoint(run_dir)
+    ids = ckpt.tokenizer.encode(TEXT)
+    idx, targets = eval_windows(ids[len(ids) - int(len(ids) * 0.5):], 32, 4)
+    base, rise = head_importance(ckpt.model, idx, targets)
+    scores = classify_heads(ckpt.model, idx)
+    assert f"validation loss {base:.4f} on 4 windows of 32 tokens (step 7)" in out
+    for (layer, head, shown, prev, first, itself, kind), s in zip(rows, scores):
+        assert float(shown) == pytest.approx(rise[int(layer), int(head)].item(), abs=1e-4)
+        assert float(prev) == pytest.approx(s.previous_token, abs=1e-3)
+        assert kind == s.kind
+    assert "most important: layer" in out
+
+
+def test_inspect_writes_the_png_grid_and_the_html_page(run, tmp_path, capsys):
+    run_dir, _ = run
+    png, page = tmp_path / "attn.png", tmp_path / "attn.html"
+    assert main(["inspect", "--checkpoint", str(run_dir), "--prompt", "ROMEO: But soft",
+                 "--out", str(png), "--html", str(page), "--device", "cpu"]) == 0
+    assert matplotlib.image.imread(png)[..., :3].std() > 0.05
+    html = page.read_text(encoding="utf-8")
+    assert '"tokens": ["R", "O", "M", "E", "O", ":", "·", "B"' in html
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_inspect_and_heads_report_bad_input_in_one_line(run, tmp_path, capsys):
+    run_dir, corpus = run
+    assert main(["inspect", "--checkpoint", str(run_dir), "--prompt", "hi"]) == 2
+    assert "give --out FILE.png, --html FILE.html or both" in capsys.readouterr().err
+    assert main(["inspect", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi",
+                 "--out", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinygpt: error: ") and "does not exist" in err and len(err.splitlines()) == 1
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+
+
+def test_finetune_saves_adapters_beside_the_base_and_leaves_it_untouched(run, tmp_path, capsys):
+    run_dir, corpus = run
+    before = _digests(run_dir)
+    assert main(["finetune", "--checkpoint", str(run_dir), "--corpus", str(corpus),
+                 "--lora-rank", "2", "--lora-targets", "in_proj", "head", "--steps", "3",
+                 "--batch-size", "4", "--lr", "0.01", "--device", "cpu"]) == 0
+    assert "wrote adapters to" in capsys.readouterr().out
+    adapters = run_dir / "lora"
+    assert (adapters / "adapter_model.safetensors").is_file()
+    after = _digests(run_dir)
+    assert {k: v for k, v in after.items() if k.parts[0] != "lora"} == before
+
+    from tinygpt.lora import load_lora, merge_lora
+
+    base = load_checkpoint(run_dir).model
+    adapted = load_lora(base, adapters)
+    idx = torch.tensor([CharTokenizer.from_text(TEXT).encode("ROMEO: But soft")])
+    with torch.no_grad():
+        assert not torch.allclose(adapted(idx), base(idx), atol=1e-4)
+        torch.testing.assert_close(merge_lora(adapted)(idx), adapted(idx), rtol=1e-5, atol=1e-5)
+    # The adapters are usable from the command line too: heads on the merged model.
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus), "--windows", "2",
+                 "--lora", str(adapters)]) == 0
+    with_lora = capsys.readouterr().out
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus), "--windows", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] != with_lora.splitlines()[0]
+
+
+def test_finetune_rejects_an_unknown_target(run, capsys):
+    run_dir, corpus = run
+    assert main(["finetune", "--checkpoint", str(run_dir), "--corpus", str(corpus),
+                 "--lora-targets", "qkv"]) == 2
+    assert "unknown LoRA target 'qkv'" in capsys.readouterr().err

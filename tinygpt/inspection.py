@@ -1,0 +1,213 @@
+"""Looking inside a TinyDecoderModel: an activation cache, interventions and head statistics.
+
+Every observation point is a `HookPoint` (an identity module) already in the model, named by its
+module path, e.g. `blocks.0.attention.hook_pattern`. Hooks are attached only for the duration of
+one call and always removed afterwards, so a model with no call in flight is untouched.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tinygpt.attention import HookPoint, MultiHeadAttention
+from tinygpt.model import TinyDecoderModel, next_token_loss
+
+# A hook function gets the activation and returns a replacement, or None to leave it as it is.
+HookFn = Callable[[Tensor], Tensor | None]
+
+HEAD_KINDS = ("previous-token", "first-token", "self")
+
+
+# Where each hook point of a block fires in its forward pass (registration order differs:
+# the attention's hooks are registered before the block's own).
+_BLOCK_ORDER = (
+    "hook_resid_pre",
+    *(f"attention.hook_{name}" for name in MultiHeadAttention.HOOKS),
+    "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+)
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _forward_rank(name: str) -> tuple[int, int]:
+    match = _BLOCK_NAME.match(name)
+    if match is None or match.group(2) not in _BLOCK_ORDER:
+        return (sys.maxsize, 0)
+    return (int(match.group(1)), _BLOCK_ORDER.index(match.group(2)))
+
+
+def hook_names(model: nn.Module) -> list[str]:
+    """Every observation point of `model`, in the order a forward pass reaches them."""
+    names = [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
+    return sorted(names, key=_forward_rank)
+
+
+def _hook_points(model: nn.Module, names: Iterable[str]) -> dict[str, HookPoint]:
+    points = {name: m for name, m in model.named_modules() if isinstance(m, HookPoint)}
+    chosen = {}
+    for name in names:
+        if name not in points:
+            raise ValueError(
+                f"unknown hook name {name!r}; names look like {next(iter(points), '?')!r} "
+                f"(see tinygpt.inspection.hook_names)."
+            )
+        chosen[name] = points[name]
+    return chosen
+
+
+def _checked(name: str, fn: HookFn) -> Callable:
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        replacement = fn(output)
+        if replacement is not None and replacement.shape != output.shape:
+            raise ValueError(
+                f"replacement for {name} has shape {tuple(replacement.shape)}, "
+                f"expected {tuple(output.shape)}."
+            )
+        return replacement
+
+    return hook
+
+
+@contextmanager
+def hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[nn.Module]:
+    """Attach `fns` (hook name -> function) as forward hooks; remove them on exit, even on error."""
+    handles = []
+    try:
+        for name, point in _hook_points(model, fns).items():
+            handles.append(point.register_forward_hook(_checked(name, fns[name])))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_with_cache(model: TinyDecoderModel, idx: Tensor,
+                   names: Iterable[str] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """idx `(b t)` -> logits `(b t v)` and the requested activations (all of them if `names` is
+    None), detached. Only requested names get a hook, so nothing else is kept in memory."""
+    names = hook_names(model) if names is None else list(names)
+    cache: dict[str, Tensor] = {}
+
+    def keep(name: str) -> HookFn:
+        def store(x: Tensor) -> None:
+            cache[name] = x.detach()
+
+        return store
+
+    with hooks(model, {name: keep(name) for name in names}):
+        logits = model(idx)
+    return logits, cache
+
+
+def run_with_interventions(model: TinyDecoderModel, idx: Tensor,
+                           interventions: Mapping[str, HookFn]) -> Tensor:
+    """idx `(b t)` -> logits `(b t v)` with each named activation replaced by its function's result."""
+    with hooks(model, interventions):
+        return model(idx)
+
+
+def zero_heads(*heads: int) -> HookFn:
+    """An intervention for a per-head activation (`b h ...`) that zeroes the given heads."""
+
+    def zero(x: Tensor) -> Tensor:
+        x = x.clone()
+        x[:, list(heads)] = 0.0
+        return x
+
+    return zero
+
+
+def replace_with(value: Tensor) -> HookFn:
+    """An intervention that substitutes `value` (same shape) for the activation."""
+    return lambda x: value.to(dtype=x.dtype, device=x.device)
+
+
+def _check_head(model: TinyDecoderModel, layer: int, head: int) -> None:
+    config = model.config
+    if not 0 <= layer < config.n_layers:
+        raise ValueError(f"layer {layer} is outside 0..{config.n_layers - 1}.")
+    if not 0 <= head < config.n_heads:
+        raise ValueError(f"head {head} is outside 0..{config.n_heads - 1}.")
+
+
+def ablate_head(model: TinyDecoderModel, idx: Tensor, layer: int, head: int) -> Tensor:
+    """Logits `(b t v)` with head `head` of layer `layer` zero-ablated: its output `z` is zeroed
+    before the heads are merged, so it adds nothing but out_proj's bias to the residual stream."""
+    _check_head(model, layer, head)
+    return run_with_interventions(model, idx, {f"blocks.{layer}.attention.hook_z": zero_heads(head)})
+
+
+@torch.no_grad()
+def head_importance(model: TinyDecoderModel, idx: Tensor, targets: Tensor) -> tuple[float, Tensor]:
+    """The loss on (idx, targets) `(b t)` and, per head, `(layers, heads)`, how much that loss
+    rises when the head alone is zero-ablated. A head the model relies on shows a large rise."""
+    base = next_token_loss(model(idx), targets).item()
+    rise = torch.zeros(model.config.n_layers, model.config.n_heads)
+    for layer in range(model.config.n_layers):
+        for head in range(model.config.n_heads):
+            rise[layer, head] = next_token_loss(ablate_head(model, idx, layer, head), targets) - base
+    return base, rise
+
+
+@dataclass(frozen=True)
+class HeadScores:
+    """How much one head attends, on average over queries from the third on, to the previous token,
+    the first token and itself; `kind` is the largest of the three when it reaches the threshold."""
+
+    layer: int
+    head: int
+    previous_token: float
+    first_token: float
+    self_token: float
+    kind: str  # one of HEAD_KINDS, or "mixed"
+
+
+def pattern_scores(pattern: Tensor) -> Tensor:
+    """pattern `(b h i j)` -> `(h 3)`: mean weight on j = i-1, j = 0 and j = i over queries i >= 2.
+
+    Queries 0 and 1 are left out: there the previous token, the first token and the token itself
+    are not three different keys, so a head could not be told apart from the other kinds.
+    """
+    if pattern.shape[-1] < 3:
+        raise ValueError(f"classifying heads needs at least 3 tokens, got {pattern.shape[-1]}.")
+    previous = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)[..., 1:]  # b h (i-2)
+    first = pattern[..., 2:, 0]  # b h (i-2)
+    itself = pattern.diagonal(dim1=-2, dim2=-1)[..., 2:]  # b h (i-2)
+    return torch.stack([s.mean(dim=(0, 2)) for s in (previous, first, itself)], dim=-1)
+
+
+@torch.no_grad()
+def classify_heads(model: TinyDecoderModel, idx: Tensor, threshold: float = 0.4) -> list[HeadScores]:
+    """Score every head on idx `(b t)` as previous-token, first-token and self head.
+
+    A score is the mean attention weight on that key, so 1.0 is a perfect head of the kind and
+    1/position is what uniform attention would give.
+    """
+    names = [f"blocks.{n}.attention.hook_pattern" for n in range(model.config.n_layers)]
+    _, cache = run_with_cache(model, idx, names)
+    result = []
+    for layer, name in enumerate(names):
+        for head, scores in enumerate(pattern_scores(cache[name]).tolist()):
+            best = max(range(len(HEAD_KINDS)), key=lambda k: scores[k])
+            kind = HEAD_KINDS[best] if scores[best] >= threshold else "mixed"
+            result.append(HeadScores(layer, head, *scores, kind=kind))
+    return result
+
+
+def eval_windows(ids: list[int] | Tensor, max_seq: int, n_windows: int) -> tuple[Tensor, Tensor]:
+    """Up to `n_windows` non-overlapping windows of a token stream, as inputs and next-token
+    targets `(b t)` with t = max_seq, taken evenly from the whole stream so the result is
+    deterministic."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    available = (len(ids) - 1) // max_seq
+    if available < 1:
+        raise ValueError(f"the text has {len(ids)} tokens; at least {max_seq + 1} are needed.")
+    starts = torch.linspace(0, available - 1, min(n_windows, available)).round().long() * max_seq
+    rows = torch.stack([ids[s:s + max_seq + 1] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]

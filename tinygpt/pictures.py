@@ -1,0 +1,214 @@
+"""Pictures of attention: a matplotlib grid of heatmaps and a self-contained interactive HTML page.
+
+Both take the attention weights of one prompt as a tensor `(l h i j)` (layers, heads, query, key;
+see `attention_patterns`) and the prompt's tokens as display strings.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tinygpt.inspection import run_with_cache
+from tinygpt.model import TinyDecoderModel
+
+# Characters that would be invisible or break a line on an axis label.
+_VISIBLE = {" ": "·", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def display_token(text: str) -> str:
+    """A token as it should appear on an axis: whitespace made visible."""
+    return "".join(_VISIBLE.get(c, c) for c in text) or "∅"
+
+
+@torch.no_grad()
+def attention_patterns(model: TinyDecoderModel, idx: Tensor) -> Tensor:
+    """Attention weights `(l h i j)` of every layer and head for one prompt idx `(1 t)`."""
+    if idx.ndim != 2 or idx.shape[0] != 1:
+        raise ValueError(f"expected one prompt of shape (1, t), got {tuple(idx.shape)}.")
+    names = [f"blocks.{n}.attention.hook_pattern" for n in range(model.config.n_layers)]
+    _, cache = run_with_cache(model, idx, names)
+    return torch.stack([cache[name][0] for name in names]).float().cpu()
+
+
+def _check(patterns: Tensor, tokens: list[str]) -> None:
+    if patterns.ndim != 4 or patterns.shape[-1] != patterns.shape[-2]:
+        raise ValueError(f"patterns must have shape (l, h, t, t), got {tuple(patterns.shape)}.")
+    if len(tokens) != patterns.shape[-1]:
+        raise ValueError(f"got {len(tokens)} tokens for {patterns.shape[-1]} attention positions.")
+
+
+def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
+                        title: str | None = None) -> Path:
+    """Save a layers-by-heads grid of heatmaps (query down, key across) to `path` (PNG, SVG...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _check(patterns, tokens)
+    n_layers, n_heads, t, _ = patterns.shape
+    labels = [display_token(tok) for tok in tokens]
+    # About 0.11 inch per token keeps labels readable; past 64 tokens, label every k-th only, so
+    # a long prompt on a big model still gives a figure of sane size.
+    every = -(-t // 64)
+    ticks = range(0, t, every)
+    cell = max(2.2, 0.11 * len(ticks))
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(cell * n_heads + 1, cell * n_layers + 0.6),
+                             squeeze=False, constrained_layout=True)
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            ax = axes[layer][head]
+            image = ax.imshow(patterns[layer, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer} head {head}", fontsize=8)
+            ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=6, rotation=90)
+            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=6)
+            ax.tick_params(length=0)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT attention") -> str:
+    """One self-contained HTML page (data and script inline, nothing fetched) for exploring
+    `patterns (l h i j)`: two panels, each with its own layer and head, side by side; hovering a
+    token in either panel shows, in both, the weights with which it attends to every key."""
+    _check(patterns, tokens)
+    n_layers, n_heads, t, _ = patterns.shape
+    # Only the causal lower triangle: row i holds the weights on keys 0..i.
+    rows = [[[[round(w, 6) for w in patterns[l, h, i, :i + 1].tolist()] for i in range(t)]
+             for h in range(n_heads)] for l in range(n_layers)]
+    data = {"tokens": [display_token(tok) for tok in tokens], "patterns": rows}
+    # "</" must not appear inside the inline script, whatever the tokens are.
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    return _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
+
+
+def save_attention_html(patterns: Tensor, tokens: list[str], path: str | Path,
+                        title: str = "TinyGPT attention") -> Path:
+    path = Path(path)
+    path.write_text(attention_html(patterns, tokens, title), encoding="utf-8")
+    return path
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>__TITLE__</title>
+<style>
+  body { font-family: sans-serif; margin: 1.5em; color: #222; background: #fff; }
+  .panels { display: flex; gap: 2em; flex-wrap: wrap; }
+  .panel { border: 1px solid #ccc; border-radius: 6px; padding: 1em; flex: 1; min-width: 22em; }
+  .tokens { display: flex; flex-wrap: wrap; gap: 3px; margin: 0.8em 0; font-family: monospace; }
+  .tok { display: inline-flex; flex-direction: column; align-items: center; min-width: 1.8em;
+         padding: 2px 3px; border: 1px solid #ddd; border-radius: 3px; cursor: default; }
+  .tok .w { font-size: 0.65em; color: #555; min-height: 1.1em; }
+  .tok.query { outline: 2px solid #d62728; }
+  .tok.future { color: #bbb; }
+  canvas { border: 1px solid #ddd; image-rendering: pixelated; }
+  .hint { color: #666; font-size: 0.9em; }
+</style>
+</head>
+<body>
+<h1>__TITLE__</h1>
+<p class="hint">Pick a layer and a head in each panel. Hover a token: every earlier token is
+shaded by the weight with which the hovered token attends to it, in both panels at once.</p>
+<div class="panels" id="panels"></div>
+<script id="attention-data" type="application/json">__DATA__</script>
+<script>
+"use strict";
+const DATA = JSON.parse(document.getElementById("attention-data").textContent);
+const T = DATA.tokens.length;
+const panels = [];
+let query = T - 1;
+
+function option(value, text) {
+  const o = document.createElement("option");
+  o.value = String(value); o.textContent = text; return o;
+}
+
+function makePanel(name, layer, head) {
+  const root = document.createElement("div");
+  root.className = "panel"; root.id = "panel-" + name;
+  const layerSel = document.createElement("select"); layerSel.id = "layer-" + name;
+  const headSel = document.createElement("select"); headSel.id = "head-" + name;
+  DATA.patterns.forEach((_, l) => layerSel.appendChild(option(l, "layer " + l)));
+  DATA.patterns[0].forEach((_, h) => headSel.appendChild(option(h, "head " + h)));
+  layerSel.value = String(layer); headSel.value = String(head);
+  const label = document.createElement("div");
+  label.append("Panel " + name.toUpperCase() + ": ", layerSel, " ", headSel);
+  const row = document.createElement("div"); row.className = "tokens";
+  const cells = DATA.tokens.map((text, i) => {
+    const cell = document.createElement("span");
+    cell.className = "tok"; cell.dataset.i = String(i);
+    const t = document.createElement("span"); t.className = "t"; t.textContent = text;
+    const w = document.createElement("span"); w.className = "w";
+    cell.append(t, w);
+    cell.addEventListener("mouseenter", () => { query = i; renderAll(); });
+    row.appendChild(cell);
+    return cell;
+  });
+  const canvas = document.createElement("canvas");
+  const scale = Math.max(4, Math.min(24, Math.floor(320 / T)));
+  canvas.width = T * scale; canvas.height = T * scale;
+  const heading = document.createElement("div"); heading.className = "hint";
+  heading.textContent = "whole pattern: query down, key across";
+  root.append(label, row, heading, canvas);
+  const panel = { root, layerSel, headSel, cells, canvas, scale };
+  layerSel.addEventListener("change", renderAll);
+  headSel.addEventListener("change", renderAll);
+  panels.push(panel);
+  return root;
+}
+
+function color(w) {  // white -> dark blue; the square root keeps diffuse rows visible
+  w = Math.sqrt(w);
+  const r = Math.round(255 - 230 * w), g = Math.round(255 - 180 * w), b = Math.round(255 - 60 * w);
+  return "rgb(" + r + "," + g + "," + b + ")";
+}
+
+function render(panel) {
+  const rows = DATA.patterns[Number(panel.layerSel.value)][Number(panel.headSel.value)];
+  const weights = rows[query];
+  panel.cells.forEach((cell, j) => {
+    const w = cell.querySelector(".w");
+    cell.classList.toggle("query", j === query);
+    cell.classList.toggle("future", j > query);
+    if (j <= query) {
+      cell.style.background = color(weights[j]);
+      cell.style.color = weights[j] > 0.3 ? "#fff" : "";
+      cell.dataset.weight = String(weights[j]);
+      w.textContent = weights[j].toFixed(3);
+    } else {
+      cell.style.background = ""; cell.style.color = "";
+      delete cell.dataset.weight; w.textContent = "";
+    }
+  });
+  const ctx = panel.canvas.getContext("2d"), s = panel.scale;
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, panel.canvas.width, panel.canvas.height);
+  rows.forEach((row, i) => row.forEach((w, j) => {
+    ctx.fillStyle = color(w); ctx.fillRect(j * s, i * s, s, s);
+  }));
+  ctx.strokeStyle = "#d62728"; ctx.strokeRect(0.5, query * s + 0.5, T * s - 1, s - 1);
+}
+
+function renderAll() { panels.forEach(render); }
+
+const container = document.getElementById("panels");
+const nHeads = DATA.patterns[0].length;
+container.appendChild(makePanel("a", 0, 0));
+container.appendChild(makePanel("b", DATA.patterns.length - 1, nHeads > 1 ? 1 : 0));
+renderAll();
+</script>
+</body>
+</html>
+"""
