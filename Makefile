@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test summary bench clean chromium figures
+.PHONY: install test summary bench clean chromium figures data train sample bench-train
 
 install: $(STAMP)
 
@@ -39,6 +39,25 @@ summary: $(STAMP)
 # benchmarks/results/. `make bench BENCH_ARGS=--quick` runs every code path on tiny sizes.
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# `make train`: the default corpus, the shakespeare-cpu preset, about five minutes on two cores,
+# a checkpoint in runs/, then a 500-character sample. TRAIN_ARGS adds any `tinygpt train` option.
+TRAIN_STEPS ?= 4000
+TRAIN_ARGS  ?=
+
+data: $(STAMP)
+	$(VENV)/bin/tinygpt prepare --corpus shakespeare
+
+train: data
+	$(VENV)/bin/tinygpt train --corpus shakespeare --config shakespeare-cpu --steps $(TRAIN_STEPS) \
+		--eval-every 250 $(TRAIN_ARGS)
+	$(VENV)/bin/tinygpt sample --tokens 500
+
+sample: $(STAMP)
+	$(VENV)/bin/tinygpt sample --tokens 500
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/train_recipe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -120,8 +120,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load the newest checkpoint of `run_dir` (or the checkpoint directory given) for use."""
-    path = resolve_checkpoint(run_dir)
+    """Load the newest checkpoint of `run_dir` (or the checkpoint directory given) for use.
+
+    Safe while a trainer writes to the run: a checkpoint pruned under our feet (its directory
+    gone) sends us to the newer one that replaced it.
+    """
+    for _ in range(5):
+        path = resolve_checkpoint(run_dir)
+        try:
+            return _load(path, device)
+        except CheckpointError:
+            if path.exists():
+                raise
+    return _load(resolve_checkpoint(run_dir), device)
+
+
+def _load(path: Path, device: str | torch.device) -> Checkpoint:
     _verify(path)
     config = _read_config(path)
     try:

@@ -92,7 +92,8 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int) -> BPETokenizer:
-        """Learn merges from `texts` until the vocabulary holds `vocab_size` tokens (>= 257)."""
+        """Learn merges from `texts` until the vocabulary holds `vocab_size` tokens (> 256), or fewer
+        when the texts run out of pairs to merge."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         alphabet = pre_tokenizers.ByteLevel.alphabet()

