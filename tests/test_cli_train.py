@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.cli import main
@@ -20,14 +19,6 @@ TEXT, _ = synthetic_text("uniform", 3000, n_symbols=6, seed=2)
 TINY = ["--config", "seed", "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ff", "32",
         "--max-seq", "8", "--seed-input-scale", "false", "--batch-size", "4", "--eval-every", "2",
         "--eval-batches", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _train_args(tmp_path, corpus, *extra):

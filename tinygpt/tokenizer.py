@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
+
+from tinygpt.files import write_atomic
 
 UNK = "<unk>"
 # What an `<unk>` id decodes to: visible in samples, and one character so positions stay aligned.
@@ -75,7 +76,7 @@ class CharTokenizer:
         return {"type": self.kind, "chars": self.chars, "strict": self.strict}
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_json_atomic(Path(path), self.to_dict())
+        write_atomic(Path(path), json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8"))
 
 
 class BPETokenizer:
@@ -139,7 +140,7 @@ class BPETokenizer:
         return {"type": self.kind, "tokenizer": json.loads(self._tokenizer.to_str())}
 
     def save(self, path: str | os.PathLike) -> None:
-        _write_json_atomic(Path(path), self.to_dict())
+        write_atomic(Path(path), json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8"))
 
 
 Tokenizer = Union[CharTokenizer, BPETokenizer]
@@ -174,18 +175,3 @@ def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
     for text in texts:
         for start in range(0, len(text), size):
             yield text[start:start + size]
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
