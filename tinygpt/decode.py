@@ -16,6 +16,7 @@ The step runs the model's own blocks (and so its own attention): only the cache 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ def decode_step(model: TinyDecoderModel, idx: Tensor, positions: Tensor, index: 
 
 
 @functools.cache
-def compiled_step(backend: str = "inductor"):
+def compiled_step(backend: str | Callable = "inductor") -> Callable:
     """`decode_step` under `torch.compile`, built once per backend and shared by every call.
 
     `fullgraph` makes a graph break an error rather than a silent slowdown; `dynamic=False` keeps
@@ -76,7 +77,7 @@ class StaticCache:
     """The fixed buffers of every layer, filled from an eager prefill's `KVCache`s."""
 
     def __init__(self, model: TinyDecoderModel, cache: list[KVCache], is_pad: Tensor | None,
-                 backend: str = "inductor"):
+                 backend: str | Callable = "inductor"):
         first = cache[0].k
         b, h, width, d = first.shape
         j = model.config.max_seq

@@ -37,6 +37,7 @@ from tinygpt.model import TinyDecoderModel
 POLICIES = ("exact", "fast")
 
 Prompts = Tensor | Sequence[Tensor | Sequence[int]]
+Backend = str | Callable  # a torch.compile backend: a name such as "inductor", or a callable
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -202,7 +203,7 @@ def _as_prompts(idx: Prompts, model: TinyDecoderModel) -> list[Tensor]:
     return prompts
 
 
-def _backend(compile: bool | str, use_cache: bool) -> str | None:
+def _backend(compile: bool | Backend, use_cache: bool) -> Backend | None:
     """The torch.compile backend of the decode step (None: eager), from `compile=`."""
     if compile is False:
         return None
@@ -210,8 +211,10 @@ def _backend(compile: bool | str, use_cache: bool) -> str | None:
         raise ValueError("compile=True speeds up the cached decode step: it needs use_cache=True.")
     if compile is True:
         return "inductor"
-    if not isinstance(compile, str) or not compile:
-        raise ValueError(f"compile must be True, False or a torch.compile backend, got {compile!r}.")
+    if not (callable(compile) or isinstance(compile, str) and compile):
+        raise ValueError(
+            f"compile must be True, False or a torch.compile backend, got {compile!r}."
+        )
     return compile
 
 
@@ -235,7 +238,7 @@ def generate_steps(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *
                    temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, do_sample: bool = True, use_cache: bool = True,
                    generator: torch.Generator | None = None, policy: str = "exact",
-                   compile: bool | str = False) -> Iterator[Step]:
+                   compile: bool | Backend = False) -> Iterator[Step]:
     """Yield each step of `generate` as it happens: what streaming and the tests are built on."""
     check_sampling(temperature, top_k, top_p)
     _check_count(max_new_tokens)
@@ -255,7 +258,7 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
              generator: torch.Generator | None = None, policy: str = "exact",
              stop: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None,
-             compile: bool | str = False) -> Tensor | list[Tensor]:
+             compile: bool | Backend = False) -> Tensor | list[Tensor]:
     """Extend every prompt by up to `max_new_tokens` tokens; see the module doc for the context.
 
     idx is a tensor `(b t)` -> a tensor `(b t+new)`, or a list of prompts of any lengths -> a list
@@ -264,7 +267,7 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
     `sample_next`); `generator` makes draws reproducible. `stop` strings (with `decode`, e.g. a
     tokenizer's) end a row at the token that completes one of them in the row's new text; a tensor
     of several rows cannot hold rows that end apart, so pass those prompts as a list.
-    `compile=True` (or a `torch.compile` backend name) runs each cached one-token step compiled
+    `compile=True` (or a `torch.compile` backend, named or callable) runs each cached step compiled
     (`tinygpt.decode`): the same tokens and logits, faster once the one-off compile is paid.
     Hooks added to the model after the first compiled call may not fire in compiled steps.
     """
@@ -385,7 +388,7 @@ class Beam:
 @torch.inference_mode()
 def beam_search(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *, beam_width: int,
                 length_penalty: float = 0.0, eos_id: int | None = None, use_cache: bool = True,
-                policy: str = "exact", compile: bool | str = False) -> list[Beam]:
+                policy: str = "exact", compile: bool | Backend = False) -> list[Beam]:
     """The `beam_width` best continuations of one prompt, best first.
 
     Each step extends every live beam by every token and keeps the `beam_width` largest summed
