@@ -25,9 +25,9 @@ from tinygpt.generate import beam_search, generate, generate_steps
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test starts from empty compile caches, far from torch's limit of 8 graphs per step."""
-    torch._dynamo.reset()
+    torch.compiler.reset()
     yield
-    torch._dynamo.reset()
+    torch.compiler.reset()
 
 
 class CountingBackend:
