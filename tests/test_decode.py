@@ -17,9 +17,11 @@ import torch
 from gen_strategies import TOLERANCE, build_model, random_prompt
 
 from tinygpt import ModelConfig
+from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
 from tinygpt.decode import decode_step
 from tinygpt.generate import beam_search, generate, generate_steps
+from tinygpt.tokenizer import CharTokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -167,3 +169,20 @@ def test_compile_needs_the_cache_and_a_backend():
             generate(model, prompt, 2, compile=bad)
     with pytest.raises(ValueError, match="it needs use_cache=True"):
         beam_search(model, prompt, 2, beam_width=2, compile=True, use_cache=False)
+
+
+def test_cli_compile_draws_the_same_text_and_rejects_no_cache(tmp_path, capsys):
+    tokenizer = CharTokenizer.from_text("ROMEO:\nabc de")
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
+    save_checkpoint(tmp_path / "tiny", model=build_model(config, 0, torch.float32, spread=2.0),
+                    tokenizer=tokenizer, step=1)
+    args = ["generate", "--checkpoint", str(tmp_path / "tiny"), "--prompt", "RO",
+            "--max-new-tokens", "30", "--seed", "1", "--policy", "fast"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile", "aot_eager"]) == 0
+    assert capsys.readouterr().out == eager
+    assert main([*args, "--compile", "--no-cache"]) == 2
+    _, err = capsys.readouterr()
+    assert err == "tinygpt: error: --compile speeds up the cached decode step; it cannot be " \
+                  "used with --no-cache.\n"
