@@ -145,7 +145,7 @@ class _Decoder:
         self.cache = self.model.new_cache() if self.use_cache else None
         logits = self.model(self.idx[:, -width:], cache=self.cache, positions=positions,
                             key_padding_mask=self.is_pad)
-        if self.backend is not None:
+        if self.backend is not None and width < self.max_seq:  # a full context slides next step
             self.cache = StaticCache(self.model, self.cache, self.is_pad, self.backend)
         return logits[:, -1]
 
