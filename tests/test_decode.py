@@ -146,7 +146,7 @@ def test_decode_step_hides_the_columns_not_written_yet():
 
 @pytest.mark.slow
 def test_inductor_step_equals_recomputation():
-    """`compile=True` itself: inductor's generated C++ gives the uncached path's logits and tokens."""
+    """`compile=True` itself: inductor's generated code gives the uncached logits and tokens."""
     config = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
     model = build_model(config, seed=5, dtype=torch.float32)
     prompt = random_prompt(3, config.vocab_size, seed=5)[None]
