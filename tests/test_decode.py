@@ -157,6 +157,13 @@ def test_inductor_step_equals_recomputation():
         assert torch.equal(a.tokens, b.tokens), f"token {k} differs"
         torch.testing.assert_close(a.logits, b.logits, **TOLERANCE[torch.float32])
     assert prefills < n // 2  # most steps were compiled ones
+    # The weights are inputs of the graph, not constants baked into it: a change is seen.
+    with torch.no_grad():
+        model.head.weight.mul_(-1)
+    changed, _ = run_steps(model, prompt, 4, policy="fast", compile=True)
+    recomputed, _ = run_steps(model, prompt, 4, policy="fast", use_cache=False)
+    for a, b in zip(changed, recomputed, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, **TOLERANCE[torch.float32])
 
 
 def test_compile_needs_the_cache_and_a_backend():
