@@ -101,8 +101,7 @@ def scaled_dot_product(q, k, v, mask=None, *, dropout_p=0.0, hook=_no_hook):
     empty = _empty_rows(mask)
     if empty is not None:
         mask = mask.masked_fill(empty, 0.0)  # keeps a row with no visible key from becoming NaN
-    if mask is not None:
-        scores = hook("masked_scores", scores + mask)
+    scores = hook("masked_scores", scores if mask is None else scores + mask)
     weights = scores.softmax(dim=-1)
     if empty is not None:
         weights = weights.masked_fill(empty, 0.0)

@@ -275,6 +275,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if args.beam is not None and args.stream:
         raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
                          "--beam.")
+    if args.compile and args.no_cache:
+        raise ValueError("--compile speeds up the cached decode step; it cannot be used with "
+                         "--no-cache.")
     device = _inspection_device(args.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available.")
@@ -288,7 +291,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
               f"{' '.join(map(repr, unknown))}", file=sys.stderr)
     if args.beam is not None:
         beams = beam_search(model, [ids], args.max_new_tokens, beam_width=args.beam,
-                            use_cache=not args.no_cache, policy=args.policy)
+                            use_cache=not args.no_cache, policy=args.policy,
+                            compile=args.compile or False)
         for rank, beam in enumerate(beams, 1):
             print(f"--- beam {rank}: log-prob {beam.log_prob:.4f}")
             print(tokenizer.decode(beam.tokens.tolist()))
@@ -298,7 +302,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     pieces = stream(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop or (),
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    use_cache=not args.no_cache, policy=args.policy, generator=generator)
+                    use_cache=not args.no_cache, policy=args.policy, generator=generator,
+                    compile=args.compile or False)
     if args.stream:
         sys.stdout.write(prompt)
         for piece in pieces:
@@ -388,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--policy", choices=("exact", "fast"), default="exact",
                      help="when the context outgrows max_seq: exact slides it every token; fast "
                           "keeps its newest half and re-fills the cache once (default: exact)")
+    gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                     help="run the cached decode step under torch.compile (default backend: "
+                          "inductor): faster steps after a one-off compile of seconds")
     gen.set_defaults(run=_cmd_generate)
 
     heads = commands.add_parser("heads", help="rank heads by ablation loss rise and classify them")

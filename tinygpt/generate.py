@@ -13,7 +13,9 @@ tokens form the context is the *slide policy*:
   again. The model then sees between `max_seq // 2` and `max_seq` tokens of history.
 
 `use_cache=False` recomputes the policy's context from scratch at every step: that is the
-definition the cached path is tested against, logits and tokens alike.
+definition the cached path is tested against, logits and tokens alike. `compile=True` runs the
+one-token cached step under `torch.compile` with a fixed-shape cache (see `tinygpt.decode`): same
+results, less per-step overhead, after a one-off compile of several seconds.
 
 Rows of different lengths are padded on the left, their pads hidden by a key-padding mask, and each
 row gets its own positions and its own context, so every row equals generating that prompt alone.
@@ -29,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinygpt.decode import StaticCache
 from tinygpt.model import TinyDecoderModel
 
 POLICIES = ("exact", "fast")
 
 Prompts = Tensor | Sequence[Tensor | Sequence[int]]
+Backend = str | Callable  # a torch.compile backend: a name such as "inductor", or a callable
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -96,14 +100,15 @@ class _Decoder:
 
     Histories are padded on the left to a common width. `context[r]` is how many of row r's newest
     tokens the model sees; the cache (when used) holds exactly those, padded on the left to the
-    longest context, with `is_pad (b j)` marking the padding.
+    longest context, with `is_pad (b j)` marking the padding. With a compile `backend`, each
+    prefill's cache is moved into a `StaticCache`, whose compiled step extends it from then on.
     """
 
     def __init__(self, model: TinyDecoderModel, prompts: list[Tensor], policy: str,
-                 use_cache: bool):
+                 use_cache: bool, backend: str | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}.")
-        self.model, self.use_cache = model, use_cache
+        self.model, self.use_cache, self.backend = model, use_cache, backend
         self.max_seq = model.config.max_seq
         self.keep = self.max_seq if policy == "exact" else max(1, self.max_seq // 2)
         self.device = model.positional.device
@@ -112,7 +117,7 @@ class _Decoder:
         self.idx = torch.stack([F.pad(p, (width - len(p), 0)) for p in prompts]).to(self.device)
         self.n_pad = width - lengths  # b
         self.context = lengths.clamp(max=self.max_seq)  # b
-        self.cache = None  # list of KVCache, or None when the next call must (re-)prefill
+        self.cache = None  # KVCaches or a StaticCache; None when the next call must (re-)prefill
         self.is_pad = None  # b j, or None when no cached key is padding
         self.new = None  # b 1: tokens appended since the cache was last extended
 
@@ -120,6 +125,8 @@ class _Decoder:
         """Logits `(b v)` for each row's next token."""
         if self.cache is None:
             return self._prefill()
+        if isinstance(self.cache, StaticCache):
+            return self.cache(self.new, (self.context - 1)[:, None])
         positions = None if self.is_pad is None else (self.context - 1)[:, None]
         if self.is_pad is not None:
             self.is_pad = F.pad(self.is_pad, (0, 1), value=False)
@@ -138,6 +145,8 @@ class _Decoder:
         self.cache = self.model.new_cache() if self.use_cache else None
         logits = self.model(self.idx[:, -width:], cache=self.cache, positions=positions,
                             key_padding_mask=self.is_pad)
+        if self.backend is not None and width < self.max_seq:  # a full context slides next step
+            self.cache = StaticCache(self.model, self.cache, self.is_pad, self.backend)
         return logits[:, -1]
 
     def append(self, tokens: Tensor) -> None:
@@ -156,6 +165,9 @@ class _Decoder:
         self.idx, self.n_pad, self.context = self.idx[rows], self.n_pad[rows], self.context[rows]
         if self.is_pad is not None:
             self.is_pad = self.is_pad[rows]
+        if isinstance(self.cache, StaticCache):
+            self.cache.reorder(rows)
+            return
         for layer in self.cache or []:
             layer.k, layer.v = layer.k[rows], layer.v[rows]
 
@@ -191,6 +203,21 @@ def _as_prompts(idx: Prompts, model: TinyDecoderModel) -> list[Tensor]:
     return prompts
 
 
+def _backend(compile: bool | Backend, use_cache: bool) -> Backend | None:
+    """The torch.compile backend of the decode step (None: eager), from `compile=`."""
+    if compile is False:
+        return None
+    if not use_cache:
+        raise ValueError("compile=True speeds up the cached decode step: it needs use_cache=True.")
+    if compile is True:
+        return "inductor"
+    if not (callable(compile) or isinstance(compile, str) and compile):
+        raise ValueError(
+            f"compile must be True, False or a torch.compile backend, got {compile!r}."
+        )
+    return compile
+
+
 def _check_count(max_new_tokens: int) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
         max_new_tokens < 0
@@ -210,12 +237,13 @@ class Step:
 def generate_steps(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
                    temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, do_sample: bool = True, use_cache: bool = True,
-                   generator: torch.Generator | None = None,
-                   policy: str = "exact") -> Iterator[Step]:
+                   generator: torch.Generator | None = None, policy: str = "exact",
+                   compile: bool | Backend = False) -> Iterator[Step]:
     """Yield each step of `generate` as it happens: what streaming and the tests are built on."""
     check_sampling(temperature, top_k, top_p)
     _check_count(max_new_tokens)
-    decoder = _Decoder(model, _as_prompts(idx, model), policy, use_cache)
+    backend = _backend(compile, use_cache)
+    decoder = _Decoder(model, _as_prompts(idx, model), policy, use_cache, backend)
     for _ in range(max_new_tokens):
         logits = decoder.next_logits()
         tokens = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -229,7 +257,8 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
              do_sample: bool = True, use_cache: bool = True,
              generator: torch.Generator | None = None, policy: str = "exact",
              stop: Sequence[str] | None = None,
-             decode: Callable[[list[int]], str] | None = None) -> Tensor | list[Tensor]:
+             decode: Callable[[list[int]], str] | None = None,
+             compile: bool | Backend = False) -> Tensor | list[Tensor]:
     """Extend every prompt by up to `max_new_tokens` tokens; see the module doc for the context.
 
     idx is a tensor `(b t)` -> a tensor `(b t+new)`, or a list of prompts of any lengths -> a list
@@ -238,6 +267,9 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
     `sample_next`); `generator` makes draws reproducible. `stop` strings (with `decode`, e.g. a
     tokenizer's) end a row at the token that completes one of them in the row's new text; a tensor
     of several rows cannot hold rows that end apart, so pass those prompts as a list.
+    `compile=True` (or a `torch.compile` backend, named or callable) runs each cached step compiled
+    (`tinygpt.decode`): the same tokens and logits, faster once the one-off compile is paid.
+    Hooks added to the model after the first compiled call may not fire in compiled steps.
     """
     if stop is not None:
         if decode is None:
@@ -252,7 +284,7 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
     ended = [False] * len(prompts)
     steps = generate_steps(model, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                            top_p=top_p, do_sample=do_sample, use_cache=use_cache,
-                           generator=generator, policy=policy)
+                           generator=generator, policy=policy, compile=compile)
     for step in steps:
         for r, token in enumerate(step.tokens.tolist()):
             if not ended[r]:
@@ -356,13 +388,14 @@ class Beam:
 @torch.inference_mode()
 def beam_search(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *, beam_width: int,
                 length_penalty: float = 0.0, eos_id: int | None = None, use_cache: bool = True,
-                policy: str = "exact") -> list[Beam]:
+                policy: str = "exact", compile: bool | Backend = False) -> list[Beam]:
     """The `beam_width` best continuations of one prompt, best first.
 
     Each step extends every live beam by every token and keeps the `beam_width` largest summed
     log-probabilities. A beam that emits `eos_id` is finished; with `eos_id` the beams can end at
     different lengths, and `length_penalty` > 0 favours longer ones (score = log_prob /
-    n_new ** length_penalty, as in GNMT without its constant). Contexts follow `policy`.
+    n_new ** length_penalty, as in GNMT without its constant). Contexts follow `policy`;
+    `compile` is `generate`'s.
     """
     _check_count(max_new_tokens)
     if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
@@ -380,7 +413,7 @@ def beam_search(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *, b
         n_new = len(tokens) - len(prompts[0])
         return Beam(tokens, log_prob, log_prob / max(n_new, 1) ** length_penalty)
 
-    decoder = _Decoder(model, prompts, policy, use_cache)
+    decoder = _Decoder(model, prompts, policy, use_cache, _backend(compile, use_cache))
     log_probs = torch.zeros(1, dtype=torch.float64)  # b: summed log-probs of the live beams
     finished: list[Beam] = []
     for _ in range(max_new_tokens):

@@ -89,7 +89,8 @@ class TinyDecoderModel(nn.Module):
                 f"{past} cached + {t} new positions exceed max_seq={self.config.max_seq}."
             )
         x = self.dropout(self.embedding(idx) + self._positional(idx, positions, past))
-        mask = self.causal_mask[past:past + t, :past + t].to(x.dtype)  # = causal_mask(t, past + t)
+        # = causal_mask(t, past + t); one new token may see every key, so it needs no mask.
+        mask = None if t == 1 else self.causal_mask[past:past + t, :past + t].to(x.dtype)
         for block, layer_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
             x = block(x, mask, key_padding_mask, layer_cache)
         if self.final_norm is not None:
