@@ -161,19 +161,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     print(ckpt.tokenizer.decode(out[0].tolist()))
 
 
-def _inspection_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _inspection_checkpoint(args: argparse.Namespace):
     from tinygpt.checkpoint import latest_run, load_checkpoint
+    from tinygpt.train import pick_device
 
     run = args.checkpoint if args.checkpoint is not None else latest_run(args.runs_dir)
-    ckpt = load_checkpoint(run, device=_inspection_device(args.device))
+    ckpt = load_checkpoint(run, device=pick_device(args.device))
     if getattr(args, "lora", None) is not None:
         from tinygpt.lora import load_lora, merge_lora
 
@@ -181,23 +174,16 @@ def _inspection_checkpoint(args: argparse.Namespace):
     return run, ckpt
 
 
-def _read_corpus(path: str) -> str:
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    if not text:
-        raise ValueError(f"corpus {path!r} is empty.")
-    return text
-
-
 def _cmd_heads(args: argparse.Namespace) -> None:
     import torch
 
+    from tinygpt.data import read_text
     from tinygpt.inspection import classify_heads, eval_windows, head_importance
 
     if not 0.0 < args.val_fraction <= 1.0:
         raise ValueError(f"--val-fraction must be in (0, 1], got {args.val_fraction}.")
     _, ckpt = _inspection_checkpoint(args)
-    ids = ckpt.tokenizer.encode(_read_corpus(args.corpus))
+    ids = ckpt.tokenizer.encode(read_text(args.corpus))
     held_out = ids[len(ids) - max(int(len(ids) * args.val_fraction), ckpt.config.max_seq + 1):]
     idx, targets = eval_windows(held_out, ckpt.config.max_seq, args.windows)
     device = next(ckpt.model.parameters()).device
@@ -240,12 +226,13 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from tinygpt.data import read_text
     from tinygpt.lora import LoraSettings, add_lora, finetune, save_lora
 
     settings = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
                             targets=tuple(args.lora_targets))
     run, ckpt = _inspection_checkpoint(args)
-    ids = ckpt.tokenizer.encode(_read_corpus(args.corpus))
+    ids = ckpt.tokenizer.encode(read_text(args.corpus))
     adapted = add_lora(ckpt.model, settings)
     losses = finetune(adapted, ids, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed)
@@ -271,6 +258,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     from tinygpt.checkpoint import latest_run, load_checkpoint
     from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
+    from tinygpt.train import pick_device
 
     if args.beam is not None and args.stream:
         raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
@@ -278,9 +266,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if args.compile and args.no_cache:
         raise ValueError("--compile speeds up the cached decode step; it cannot be used with "
                          "--no-cache.")
-    device = _inspection_device(args.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available.")
+    device = pick_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint or latest_run(args.runs_dir), device=device)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     prompt = args.prompt or "\n"  # an empty prompt starts from a newline
