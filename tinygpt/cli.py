@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 
+from tinygpt.allocator import keep_freed_memory
 from tinygpt.config import PRESETS, ModelConfig
 
 
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # the CLI owns its process: reuse attention's big buffers (see allocator)
     try:
         args.run(args)
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as error:
