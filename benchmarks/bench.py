@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.flops import attention_flops, matmul_throughput
-from benchmarks.harness import Budget, machine_facts, measure, peak_memory
+from benchmarks.harness import Budget, machine_facts, measure, paired_ratio, peak_memory
 from benchmarks.implementations import (
     IMPLEMENTATIONS,
     REFERENCE,
@@ -27,6 +27,7 @@ from benchmarks.implementations import (
     model_implementations,
 )
 from benchmarks.report import markdown_report, plot_results
+from tinygpt.allocator import keep_freed_memory
 from tinygpt.attention import causal_mask
 from tinygpt.config import ModelConfig
 from tinygpt.generate import generate
@@ -77,8 +78,8 @@ FULL = Plan(
     model_configs=(("seed", 32, {}), ("shakespeare-cpu", 12, {})),
     generation=("shakespeare-cpu", 8, 56),
     matmul_sizes=(512, 1024, 2048),
-    budget=Budget(rounds=5, round_time=0.1),
-    slow_budget=Budget(rounds=2, round_time=0.1),
+    budget=Budget(rounds=15, round_time=0.05),
+    slow_budget=Budget(rounds=5, round_time=0.05),
     compile_options={"backend": "inductor"},
 )
 # Tiny sizes, one shared shape: seconds, and every code path of ours. torch.compile traces with
@@ -248,14 +249,18 @@ def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
 
 
 def _add_ratios(rows: list[dict], keys: tuple[str, ...]) -> None:
-    """Each row's median divided by the reference's median in the same group (same run)."""
-    reference = {tuple(r[k] for k in keys): r["median_s"] for r in rows if r["impl"] == REFERENCE}
+    """Each row's time over the reference's in the same group, paired round by round (same run):
+    `ratio_vs_mha` is the median of the per-round ratios, `ratio_q1`/`ratio_q3` their quartiles."""
+    reference = {tuple(r[k] for k in keys): r["round_medians_s"] for r in rows
+                 if r["impl"] == REFERENCE}
     for row in rows:
-        row["ratio_vs_mha"] = row["median_s"] / reference[tuple(row[k] for k in keys)]
+        ratio = paired_ratio(row["round_medians_s"], reference[tuple(row[k] for k in keys)])
+        row.update(ratio_vs_mha=ratio.median, ratio_q1=ratio.q1, ratio_q3=ratio.q3)
 
 
 def check_targets(attention_rows: list[dict]) -> list[dict]:
-    """Evaluate each target on every fp32 fwd+bwd shape: ratio = impl median / `against` median."""
+    """Evaluate each target on every fp32 fwd+bwd shape: the paired ratio of the implementation's
+    round medians over `against`'s, met when its median is within the limit."""
     results = []
     for target in targets():
         for row in attention_rows:
@@ -265,19 +270,20 @@ def check_targets(attention_rows: list[dict]) -> list[dict]:
             against = next(r for r in attention_rows if r["impl"] == target["against"]
                            and r["pass"] == row["pass"] and r["name"] == row["name"]
                            and r["device"] == row["device"] and r["dtype"] == row["dtype"])
-            ratio = row["median_s"] / against["median_s"]
+            ratio = paired_ratio(row["round_medians_s"], against["round_medians_s"])
             results.append({**{k: target[k] for k in ("impl", "against", "limit", "text")},
-                            "name": row["name"], "device": row["device"], "ratio": ratio,
-                            "met": ratio <= target["limit"]})
+                            "name": row["name"], "device": row["device"], "ratio": ratio.median,
+                            "ratio_q1": ratio.q1, "ratio_q3": ratio.q3,
+                            "met": ratio.median <= target["limit"]})
     return results
 
 
-def run(plan: Plan, *, quick: bool, threads: int, log=print) -> dict:
-    """Every measurement of one run, as a JSON-ready dict."""
+def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dict:
+    """Every measurement of one run, as a JSON-ready dict. `malloc` says how memory was managed."""
     started = time.perf_counter()
     runs, cuda_line = devices()
     log(cuda_line)
-    results = {"quick": quick, "machine": machine_facts(threads), "cuda": cuda_line,
+    results = {"quick": quick, "machine": {**machine_facts(threads), "malloc": malloc}, "cuda": cuda_line,
                "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
                "compile_options": plan.compile_options, "matmul": [],
                "attention": [], "sweep": [], "model": [], "generation": []}
@@ -327,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    malloc = ("glibc, freed buffers kept (tinygpt.allocator)" if keep_freed_memory()
+              else "the platform's default")
     started = time.perf_counter()
 
     def log(line: str) -> None:  # progress on stderr, so stdout is the table alone
@@ -334,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = QUICK if args.quick else FULL
-        results = run(plan, quick=args.quick, threads=args.threads, log=log)
+        results = run(plan, quick=args.quick, threads=args.threads, malloc=malloc, log=log)
         args.out.mkdir(parents=True, exist_ok=True)
         table = markdown_report(results)
         (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import platform
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,16 +15,50 @@ from torch.utils import benchmark
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call: the median over timed blocks, their interquartile range, how many blocks
-    and the calls per block (of the first round; later rounds re-estimate it)."""
+    """Seconds per call: the median over timed blocks, their interquartile range, the fastest
+    block, how many blocks, the calls per block (of the first round; later rounds re-estimate it),
+    and the median of each interleaved round, in order (what `paired_ratio` pairs up)."""
 
     median_s: float
     iqr_s: float
+    min_s: float
     blocks: int
     calls_per_block: int
+    round_medians_s: tuple[float, ...]
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """How many times slower one function is than another: the median over rounds of
+    (its round median / the other's round median), with the quartiles of those per-round ratios."""
+
+    median: float
+    q1: float
+    q3: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values * 2 if len(values) == 1 else values, n=4,
+                                          method="inclusive")
+    return q1, median, q3
+
+
+def paired_ratio(rounds: Sequence[float], reference_rounds: Sequence[float]) -> Ratio:
+    """Round medians (`Timing.round_medians_s`) of one function over another's, paired in order.
+
+    Both were measured in the same interleaved rounds, a fraction of a second apart, so a burst of
+    load on a shared machine slows both sides of a pair alike and cancels out of its ratio; a
+    ratio of the two overall medians would keep it whenever the burst hit one side's rounds more.
+    """
+    ratios = [a / b for a, b in zip(rounds, reference_rounds, strict=True)]
+    q1, median, q3 = _quartiles(ratios)
+    return Ratio(median, q1, q3)
 
 
 @dataclass(frozen=True)
@@ -58,10 +92,10 @@ def measure(functions: dict[str, Callable[[], object]], *, threads: int, budget:
     timings = {}
     for name, measurements in rounds.items():
         times = [t for m in measurements for t in m.times]  # seconds per call, one per block
-        q1, _, q3 = statistics.quantiles(times * 2 if len(times) == 1 else times, n=4,
-                                         method="inclusive")
-        timings[name] = Timing(statistics.median(times), q3 - q1, len(times),
-                               measurements[0].number_per_run)
+        q1, median, q3 = _quartiles(times)
+        timings[name] = Timing(median, q3 - q1, min(times), len(times),
+                               measurements[0].number_per_run,
+                               tuple(m.median for m in measurements))
     return timings
 
 

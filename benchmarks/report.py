@@ -20,6 +20,10 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g}"
 
 
+def _ratio(median: float, q1: float, q3: float) -> str:
+    return f"{median:.2f} [{q1:.2f}, {q3:.2f}]"
+
+
 def _groups(rows: list[dict]) -> list[tuple[str, str]]:
     """(device, dtype) pairs in the order they were measured."""
     return list(dict.fromkeys((row["device"], row["dtype"]) for row in rows))
@@ -33,16 +37,17 @@ def markdown_report(results: dict) -> str:
                                     if results["quick"] else ""), ""]
     out.append(f"CPU: {machine['cpu']} ({machine['cpu_capability']}), torch threads: "
                f"{machine['threads']}; torch {machine['torch']}; Python {machine['python']}; "
-               f"GPU: {machine['gpu'] or 'none'}.  ")
+               f"GPU: {machine['gpu'] or 'none'}; malloc: {machine['malloc']}.  ")
     out.append(results["cuda"] + "  ")
     options = ", ".join(f"{k}={v}" for k, v in results["compile_options"].items())
     out.append(f"torch.compile({options}); the context sweep adds dynamic=True.")
     out.append("")
     out.append("Times are medians of torch.utils.benchmark blocks, measured in interleaved rounds "
                "(IQR = spread between quartiles). "
-               "`x MHA` = median / nn.MultiheadAttention's median in the same run (< 1 is faster). "
+               "`x MHA` = time / nn.MultiheadAttention's time, paired round by round in the same "
+               "run: the median of the per-round ratios, [their quartiles] (< 1 is faster). "
                "`% roof` = achieved FLOP/s (8btE² + 4bt²E per forward, 3x that with backward) over "
-               "the dense matmul FLOP/s measured in the same run.")
+               "the dense matmul FLOP/s measured in the same run (its fastest block).")
     for roof in results["matmul"]:
         out.append(f"\nDense matmul roof, {roof['device']} {roof['dtype']}: "
                    f"{roof['flops_per_s'] / 1e9:.1f} GFLOP/s (torch.mm, n={roof['n']}).")
@@ -54,13 +59,15 @@ def markdown_report(results: dict) -> str:
              "GFLOP/s", "% roof"],
             [[f"{r['name']} ({r['batch']}, {r['context']}, {r['d_model']}, {r['n_heads']})",
               r["pass"], names[r["impl"]], _ms(r["median_s"]), _ms(r["iqr_s"]),
-              f"{r['ratio_vs_mha']:.2f}", f"{r['flops_per_s'] / 1e9:.2f}",
+              _ratio(r["ratio_vs_mha"], r["ratio_q1"], r["ratio_q3"]),
+              f"{r['flops_per_s'] / 1e9:.2f}",
               f"{100 * r['fraction_of_matmul']:.1f}"] for r in rows]))
     if results["targets"]:
-        out += ["", "## Targets (float32, forward+backward, ratios of medians from this run)", ""]
+        out += ["", "## Targets (float32, forward+backward, paired ratios from this run)", ""]
         out.append(_table(
-            ["target", "device", "size", "ratio", "limit", "met"],
-            [[t["text"], t["device"], t["name"], f"{t['ratio']:.2f}", f"{t['limit']:.2f}",
+            ["target", "device", "size", "ratio [quartiles]", "limit", "met"],
+            [[t["text"], t["device"], t["name"], _ratio(t["ratio"], t["ratio_q1"], t["ratio_q3"]),
+              f"{t['limit']:.2f}",
               "yes" if t["met"] else "**no**"] for t in results["targets"]]))
     for device, dtype in _groups(results["sweep"]):
         rows = [r for r in results["sweep"] if (r["device"], r["dtype"]) == (device, dtype)]
@@ -87,7 +94,8 @@ def markdown_report(results: dict) -> str:
         out.append(_table(
             ["model (b, t)", "attention", "median ms", "IQR ms", "tokens/s", "x MHA"],
             [[f"{r['config']} ({r['batch']}, {r['context']})", names[r["impl"]], _ms(r["median_s"]),
-              _ms(r["iqr_s"]), f"{r['tokens_per_s']:,.0f}", f"{r['ratio_vs_mha']:.2f}"]
+              _ms(r["iqr_s"]), f"{r['tokens_per_s']:,.0f}",
+              _ratio(r["ratio_vs_mha"], r["ratio_q1"], r["ratio_q3"])]
              for r in rows]))
     if results["generation"]:
         out += ["", "## Generation (greedy, batch 1, hand-written attention)", ""]
@@ -110,12 +118,15 @@ def plot_results(results: dict, path: Path) -> None:
     impls = list(dict.fromkeys(r["impl"] for r in fwd_bwd))
     width = 0.8 / max(len(impls), 1)
     for n, impl in enumerate(impls):
-        values = [next(r["ratio_vs_mha"] for r in fwd_bwd if r["name"] == s and r["impl"] == impl)
-                  for s in sizes]
-        ratios.bar([i + n * width for i in range(len(sizes))], values, width, label=names[impl])
+        mine = [next(r for r in fwd_bwd if r["name"] == s and r["impl"] == impl) for s in sizes]
+        values = [r["ratio_vs_mha"] for r in mine]
+        spread = [[r["ratio_vs_mha"] - r["ratio_q1"] for r in mine],
+                  [r["ratio_q3"] - r["ratio_vs_mha"] for r in mine]]
+        ratios.bar([i + n * width for i in range(len(sizes))], values, width, yerr=spread,
+                   capsize=3, label=names[impl])
     ratios.axhline(1.0, color="black", linewidth=0.8)
     ratios.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], sizes)
-    ratios.set_ylabel("median time / nn.MultiheadAttention")
+    ratios.set_ylabel("time / nn.MultiheadAttention (paired rounds; quartiles)")
     ratios.set_title("attention fwd+bwd, cpu float32 (lower is faster)")
     ratios.legend(fontsize=8)
     for device, dtype in _groups(results["sweep"]):

@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.bench import QUICK
 from benchmarks.flops import attention_flops
-from benchmarks.harness import peak_memory
+from benchmarks.harness import paired_ratio, peak_memory
 from benchmarks.implementations import (
     IMPLEMENTATIONS,
     FusedAttention,
@@ -57,7 +57,7 @@ def test_quick_json_is_complete(quick_run):
     _, results, _ = quick_run
     assert results["quick"] is True
     assert results["machine"]["cpu"] and results["machine"]["torch"] == torch.__version__
-    assert results["machine"]["threads"] == 1
+    assert results["machine"]["threads"] == 1 and results["machine"]["malloc"]
     groups = [("cpu", "float32")] + ([("cuda", "float32"), ("cuda", "bfloat16")]
                                      if torch.cuda.is_available() else [])
     assert [(m["device"], m["dtype"]) for m in results["matmul"]] == groups
@@ -71,8 +71,11 @@ def test_quick_json_is_complete(quick_run):
                                                backward=row["pass"] == "forward+backward")
         assert math.isfinite(row["fraction_of_matmul"]) and row["fraction_of_matmul"] > 0
         assert math.isfinite(row["ratio_vs_mha"]) and row["max_abs_diff_vs_mha"] < 1e-3
+        assert row["ratio_q1"] <= row["ratio_vs_mha"] <= row["ratio_q3"]
+        assert len(row["round_medians_s"]) == QUICK.budget.rounds
+        assert row["min_s"] <= row["median_s"]
         if row["impl"] == "mha":
-            assert row["ratio_vs_mha"] == 1.0
+            assert row["ratio_vs_mha"] == row["ratio_q1"] == row["ratio_q3"] == 1.0
 
     sweep = results["sweep"]
     assert len(sweep) == len(groups) * len(QUICK.sweep_contexts) * len(IMPLEMENTATIONS)
@@ -95,6 +98,20 @@ def test_quick_json_is_complete(quick_run):
 def test_quick_plot_is_a_png(quick_run):
     _, _, out = quick_run
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_ratio_cancels_load_that_hits_both_sides_of_a_round():
+    # Rounds 2 and 4 ran under load that doubled both times: each pair still says 0.9.
+    reference = [1.0, 2.0, 1.0, 2.0, 1.0]
+    faster = [0.9, 1.8, 0.9, 1.8, 0.9]
+    ratio = paired_ratio(faster, reference)
+    assert ratio.median == pytest.approx(0.9) and ratio.q1 == pytest.approx(0.9)
+    assert ratio.q3 == pytest.approx(0.9)
+    # A burst during one side's rounds only shows up as spread, not as a shifted median.
+    ratio = paired_ratio([0.9, 0.9, 3.0, 0.9, 0.9], [1.0] * 5)
+    assert ratio.median == pytest.approx(0.9) and ratio.q3 == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], [1.0])  # rounds that do not pair up are a bug, not a ratio
 
 
 def test_attention_flops_formula():
