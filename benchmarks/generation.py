@@ -26,6 +26,7 @@ import time
 import torch
 
 from tinygpt import ModelConfig, TinyDecoderModel
+from tinygpt.allocator import keep_freed_memory
 from tinygpt.generate import POLICIES, generate, generate_steps
 
 TARGET_CACHE_SPEEDUP = 4.0
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--baby-checkpoint", help="trained baby run (default: random weights)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    keep_freed_memory()  # as the tinygpt command does
     for row in measure_generation(args.checkpoint, args.baby_checkpoint, args.threads):
         print(_format(row))
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from tinygpt import ModelConfig, TinyDecoderModel
+from tinygpt.allocator import keep_freed_memory
 from tinygpt.inspection import ablate_head, run_with_cache
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the tinygpt command does
     torch.manual_seed(0)
     model = TinyDecoderModel(ModelConfig.preset(args.preset)).eval()
     config = model.config

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tinygpt.allocator import keep_freed_memory
 from tinygpt.config import ModelConfig
 from tinygpt.data import TokenData, fetch_tinyshakespeare, prepare_tokens, read_text
 from tinygpt.model import TinyDecoderModel
@@ -84,6 +85,7 @@ def main() -> None:
                         help="override TrainConfig fields, e.g. warmup_steps=50 init=model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the tinygpt command does
 
     path = fetch_tinyshakespeare(Path(args.data_dir), path=args.tinyshakespeare)
     text = read_text(path)

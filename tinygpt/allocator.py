@@ -2,12 +2,13 @@
 
 glibc's malloc gives a freed buffer of a few MiB back to the kernel, so the next call's buffer of
 the same size is fresh memory, and every 4 KiB page of it costs a page fault and a zeroing on
-first write. The hand-written attention allocates its `(b h i j)` scores, masked scores and
-weights anew on every call (the fused kernel allocates none): at the `baby` size that was about
-5,000 faults per forward, a fifth of its time on a 2-core VM. With both thresholds raised, glibc
-keeps those buffers and reuses them; the price is that the process holds on to memory it once
-needed (up to 1 GiB of it) instead of returning it. Importing tinygpt never does this: it changes
-the whole process, so only a program's entry point should decide it.
+first write: about 1 µs each on a 2-core VM. The hand-written attention allocates its `(b h i j)`
+scores, masked scores and weights anew on every call (the fused kernel allocates none): at the
+`baby` size glibc's default often settles into 2,000-4,000 faults per forward, 10-20% of its
+time. With both thresholds raised, glibc keeps those buffers and reuses them; the price is that
+the process holds on to memory it once needed (up to 1 GiB of it) instead of returning it.
+Importing tinygpt never does this: it changes the whole process, so only a program's entry point
+(the tinygpt command, the benchmarks) should decide it.
 """
 
 from __future__ import annotations
