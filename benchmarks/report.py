@@ -128,7 +128,9 @@ def plot_results(results: dict, path: Path) -> None:
     ratios.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(sizes))], sizes)
     ratios.set_ylabel("time / nn.MultiheadAttention (paired rounds; quartiles)")
     ratios.set_title("attention fwd+bwd, cpu float32 (lower is faster)")
-    ratios.legend(fontsize=8)
+    tallest = max((r["ratio_q3"] for r in fwd_bwd), default=1.0)
+    ratios.set_ylim(0, 1.45 * max(tallest, 1.0))  # headroom above the bars for the legend
+    ratios.legend(fontsize=8, loc="upper left", ncol=2)
     for device, dtype in _groups(results["sweep"]):
         rows = [r for r in results["sweep"] if (r["device"], r["dtype"]) == (device, dtype)]
         for impl in dict.fromkeys(r["impl"] for r in rows):
