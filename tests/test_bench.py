@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import QUICK
+from benchmarks.bench import QUICK, devices
 from benchmarks.flops import attention_flops
 from benchmarks.harness import paired_ratio, peak_memory
 from benchmarks.implementations import (
@@ -93,6 +93,20 @@ def test_quick_json_is_complete(quick_run):
 
     assert len(results["targets"]) == 2 * len(QUICK.shapes) * (1 + torch.cuda.is_available())
     assert all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in results["targets"])
+
+
+def test_a_gpu_adds_float32_and_bfloat16_cuda_columns_to_the_cpu_one(monkeypatch):
+    # No GPU here: pretend one, to check which runs the same command would make on a GPU machine.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Imaginary GPU")
+    runs, line = devices()
+    assert [(device.type, dtype) for device, dtype in runs] == [
+        ("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)]
+    assert "Imaginary GPU" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runs, line = devices()
+    assert [(device.type, dtype) for device, dtype in runs] == [("cpu", torch.float32)]
+    assert line.startswith("CUDA: absent")
 
 
 def test_quick_plot_is_a_png(quick_run):
