@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import platform
 import statistics
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -114,13 +117,30 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True
+                                     ) as prof:
         fn()
     allocations = sorted(_allocations(prof.profiler.kineto_results.experimental_event_tree()),
                          key=lambda event: event.start_time_ns)
     running = itertools.accumulate(event.extra_fields.alloc_size for event in allocations
                                    if event.extra_fields.device.type == "cpu")
     return max(running, default=0)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Point file descriptor 2 at /dev/null for a while: kineto writes two "USDT: profiler_start /
+    profiler_stop" lines per profile straight to it, whatever its log level, which would bury the
+    progress lines of a run among dozens of its own."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _allocations(events):
