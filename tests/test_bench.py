@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench import QUICK, devices
+from benchmarks.bench import QUICK, check_targets, devices
 from benchmarks.flops import attention_flops
 from benchmarks.harness import paired_ratio, peak_memory
 from benchmarks.implementations import (
@@ -128,6 +128,24 @@ def test_paired_ratio_cancels_load_that_hits_both_sides_of_a_round():
     assert ratio.median == pytest.approx(0.9) and ratio.q3 == pytest.approx(0.9)
     with pytest.raises(ValueError):
         paired_ratio([1.0, 2.0], [1.0])  # rounds that do not pair up are a bug, not a ratio
+
+
+def test_targets_are_judged_on_paired_ratios():
+    # Load doubled both sides in rounds 3-4, and a burst hit only the compiled side in round 5.
+    # Overall medians say compiled is 1.9x the fused kernel; every round but one says 0.95.
+    def row(impl, rounds):
+        return {"impl": impl, "pass": "forward+backward", "dtype": "float32", "name": "baby",
+                "device": "cpu", "median_s": sorted(rounds)[2], "round_medians_s": rounds}
+
+    rows = [row("hand", [0.9, 0.9, 1.8, 1.8, 0.9]), row("mha", [1.0, 1.0, 2.0, 2.0, 1.0]),
+            row("compiled", [0.95, 0.95, 1.9, 1.9, 5.0]), row("sdpa", [1.0, 1.0, 2.0, 2.0, 1.0])]
+    assert rows[2]["median_s"] / rows[3]["median_s"] == pytest.approx(1.9)  # unpaired: a false no
+    results = {(t["impl"], t["against"]): t for t in check_targets(rows)}
+    assert set(results) == {("hand", "mha"), ("compiled", "sdpa")}
+    assert results["hand", "mha"]["ratio"] == pytest.approx(0.9) and results["hand", "mha"]["met"]
+    compiled = results["compiled", "sdpa"]
+    assert compiled["ratio"] == pytest.approx(0.95) and compiled["met"]
+    assert compiled["ratio_q3"] == pytest.approx(0.95)  # the burst is one round of five
 
 
 def test_attention_flops_formula():
