@@ -283,8 +283,8 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
     started = time.perf_counter()
     runs, cuda_line = devices()
     log(cuda_line)
-    results = {"quick": quick, "machine": {**machine_facts(threads), "malloc": malloc}, "cuda": cuda_line,
-               "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
+    results = {"quick": quick, "machine": {**machine_facts(threads), "malloc": malloc},
+               "cuda": cuda_line, "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
                "compile_options": plan.compile_options, "matmul": [],
                "attention": [], "sweep": [], "model": [], "generation": []}
     for device, dtype in runs:

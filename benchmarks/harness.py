@@ -35,15 +35,12 @@ class Timing:
 
 @dataclass(frozen=True)
 class Ratio:
-    """How many times slower one function is than another: the median over rounds of
-    (its round median / the other's round median), with the quartiles of those per-round ratios."""
+    """One function's time over another's: the median over rounds of (its round median / the
+    other's round median), with the quartiles of those per-round ratios."""
 
     median: float
     q1: float
     q3: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
