@@ -4,9 +4,9 @@ glibc's malloc gives a freed buffer of a few MiB back to the kernel, so the next
 the same size is fresh memory, and every 4 KiB page of it costs a page fault and a zeroing on
 first write: about 1 µs each on a 2-core VM. The hand-written attention allocates its `(b h i j)`
 scores, masked scores and weights anew on every call (the fused kernel allocates none): at the
-`baby` size glibc's default often settles into 2,000-4,000 faults per forward, 10-20% of its
-time. With both thresholds raised, glibc keeps those buffers and reuses them; the price is that
-the process holds on to memory it once needed (up to 1 GiB of it) instead of returning it.
+`baby` size glibc's default often keeps up 2,000-5,000 faults per forward, 10-20% of its time.
+With both thresholds raised, glibc keeps those buffers and reuses them; the price is that the
+process holds on to memory it once needed (up to 1 GiB of it) instead of returning it.
 Importing tinygpt never does this: it changes the whole process, so only a program's entry point
 (the tinygpt command, the benchmarks) should decide it.
 """
@@ -14,7 +14,6 @@ Importing tinygpt never does this: it changes the whole process, so only a progr
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 
 # mallopt parameters, from glibc's <malloc.h>.
@@ -34,6 +33,6 @@ def keep_freed_memory() -> bool:
     """
     if platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them (no library search)
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
