@@ -80,3 +80,17 @@ def test_summary_unknown_preset_is_an_argparse_error(capsys):
         main(["summary", "--config", "huge"])
     assert exit_.value.code == 2
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_the_program_keeps_freed_memory_and_main_alone_does_not(monkeypatch, capsys):
+    import tinygpt.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept") or True)
+    assert cli.main(["summary", "--config", "seed"]) == 0
+    assert calls == []  # a caller of main (a test, a notebook) keeps its process as it was
+    monkeypatch.setattr(sys, "argv", ["tinygpt", "summary", "--config", "seed"])
+    with pytest.raises(SystemExit) as exited:
+        cli.run()
+    assert exited.value.code == 0 and calls == ["kept"]
+    assert "total                   20,712" in capsys.readouterr().out

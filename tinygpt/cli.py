@@ -427,7 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # the CLI owns its process: reuse attention's big buffers (see allocator)
     try:
         args.run(args)
     except (ValueError, TypeError, OSError, KeyError, RuntimeError) as error:
@@ -440,5 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `tinygpt` program. It owns its process, so it keeps freed memory (see
+    `tinygpt.allocator`); `main`, which tests also call in-process, leaves the process alone."""
+    keep_freed_memory()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
