@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test summary bench clean chromium figures data train sample bench-train
+.PHONY: install test lint summary bench clean chromium figures data train sample bench-train
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) chromium
 	$(PY) -m pytest
+
+# ruff, pinned in the dev extra and configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The browser test (tests/test_pictures_browser.py) drives Debian's chromium; in CI it fails rather
 # than skips when chromium is missing, so install it here (as root) when it is not there yet.

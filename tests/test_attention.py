@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import ATTENTION_EXAMPLES, FORWARD_TOL, attention_cases, with_examples
 from torch.func import functional_call
 
-from strategies import ATTENTION_EXAMPLES, FORWARD_TOL, attention_cases, with_examples
 from tinygpt import MultiHeadAttention, causal_mask, scaled_dot_product
 
 

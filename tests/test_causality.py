@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import FORWARD_TOL, MODEL_EXAMPLES, model_cases, model_pair, with_examples
 
 BUILDS = ("hand", "reference", "reference-bool")

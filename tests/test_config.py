@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 from hypothesis import given
-
 from strategies import model_configs
+
 from tinygpt import PRESETS, ModelConfig
 
 

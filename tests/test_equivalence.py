@@ -11,10 +11,8 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-from torch import nn
-
-from reference import copy_weights, reference_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import (
     ATTENTION_EXAMPLES,
     FORWARD_TOL,
@@ -26,6 +24,9 @@ from strategies import (
     model_pair,
     with_examples,
 )
+from torch import nn
+
+from reference import copy_weights, reference_key
 from tinygpt import MultiHeadAttention, additive_mask, causal_mask, next_token_loss, parameter_table
 
 MASK_KINDS = ("none", "causal", "padding", "both")

@@ -6,8 +6,8 @@ import torch
 from tinygpt import ModelConfig, TinyDecoderModel, next_token_loss
 from tinygpt.inspection import (
     HEAD_KINDS,
-    classify_heads,
     ablate_head,
+    classify_heads,
     eval_windows,
     head_importance,
     hook_names,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import seeds
 from torch import nn
 
-from strategies import seeds
 from tinygpt import MultiHeadAttention, additive_mask, causal_mask, combine_masks, padding_mask
 
 lengths = st.integers(1, 64)

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
+from strategies import MODEL_EXAMPLES, SEED_CONFIG, model_cases, with_examples
 from torch import nn
 
 from reference import ReferenceDecoderModel
-from strategies import MODEL_EXAMPLES, SEED_CONFIG, model_cases, with_examples
 from tinygpt import ModelConfig, TinyDecoderModel, next_token_loss
 
 

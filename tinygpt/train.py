@@ -19,12 +19,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinygpt.checkpoint import CheckpointError, checkpoint_dirs, load_checkpoint, load_state, save_checkpoint
+from tinygpt.checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+)
 from tinygpt.config import ModelConfig
 from tinygpt.data import TokenData
 from tinygpt.model import TinyDecoderModel, next_token_loss
 from tinygpt.tokenizer import Tokenizer
-
 
 INITS = ("model", "gpt2")  # the model's own (seed) initialisation, or GPT-2's
 
