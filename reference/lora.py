@@ -21,7 +21,8 @@ _PEFT_PREFIX = "base_model.model."
 def add_lora_to_reference(reference: ReferenceDecoderModel, peft_model: nn.Module,
                           adapter: str = "default") -> list[str]:
     """Add every adapter of `peft_model` (a LoRA-wrapped TinyDecoderModel) to the matching weight
-    of `reference`, which must already hold the base weights. Returns the reference names changed."""
+    of `reference`, which must already hold the base weights. Returns the reference names
+    changed."""
     parameters = dict(reference.named_parameters())
     changed = []
     for name, module in peft_model.named_modules():

@@ -6,13 +6,15 @@ causal mask (torch's own `generate_square_subsequent_mask`) and the mask handlin
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import Tensor, nn
 
 from tinygpt.config import ModelConfig
 from tinygpt.model import init_weights
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
 
 
 class ReferenceDecoderBlock(nn.Module):
@@ -23,13 +25,14 @@ class ReferenceDecoderBlock(nn.Module):
         self.attention = nn.MultiheadAttention(
             config.d_model, config.n_heads, dropout=config.dropout, batch_first=True
         )
-        self.norm1 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, config.d_ff),
-            _ACTIVATIONS[config.activation](),
-            nn.Linear(config.d_ff, config.d_model),
-        )
-        self.norm2 = nn.LayerNorm(config.d_model)
+        eps = config.layer_norm_eps
+        self.norm1 = nn.LayerNorm(config.d_model, eps=eps)
+        self.mlp = None if config.attn_only else nn.Sequential(OrderedDict(
+            fc_in=nn.Linear(config.d_model, config.d_ff),
+            activation=_ACTIVATIONS[config.activation](),
+            fc_out=nn.Linear(config.d_ff, config.d_model),
+        ))
+        self.norm2 = nn.Identity() if config.attn_only else nn.LayerNorm(config.d_model, eps=eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def _attend(self, x: Tensor, mask: Tensor) -> Tensor:
@@ -38,12 +41,15 @@ class ReferenceDecoderBlock(nn.Module):
         out, _ = self.attention(x, x, x, attn_mask=mask, need_weights=False)
         return self.dropout(out)
 
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x) if self.mlp is None else self.dropout(self.mlp(x))
+
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         if self.norm_first:
             x = x + self._attend(self.norm1(x), mask)
-            return x + self.dropout(self.mlp(self.norm2(x)))
+            return x + self._feed_forward(self.norm2(x))
         x = self.norm1(x + self._attend(x, mask))
-        return self.norm2(x + self.dropout(self.mlp(x)))
+        return self.norm2(x + self._feed_forward(x))
 
 
 class ReferenceDecoderModel(nn.Module):
@@ -57,14 +63,18 @@ class ReferenceDecoderModel(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(ReferenceDecoderBlock(config) for _ in range(config.n_layers))
-        self.final_norm = nn.LayerNorm(config.d_model) if config.norm_first else None
-        self.head = nn.Linear(config.d_model, config.vocab_size)
+        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+                           if config.norm_first else None)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.head_bias)
         mask = nn.Transformer.generate_square_subsequent_mask(config.max_seq)
-        self.register_buffer("causal_mask", torch.isinf(mask) if bool_mask else mask, persistent=False)
+        self.register_buffer("causal_mask", torch.isinf(mask) if bool_mask else mask,
+                             persistent=False)
         init_weights(self)
         for block in self.blocks:  # init_weights never sees MHA's bare packed parameters
             nn.init.xavier_normal_(block.attention.in_proj_weight)
             nn.init.zeros_(block.attention.in_proj_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
 
     def forward(self, idx: Tensor) -> Tensor:
         t = idx.shape[1]
@@ -76,4 +86,4 @@ class ReferenceDecoderModel(nn.Module):
             x = block(x, mask)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.head(x)
+        return self.lm_head(x)

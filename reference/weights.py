@@ -50,4 +50,7 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
     mapping = _HAND_TO_REFERENCE if isinstance(src, _HAND_TYPES) else {
         ref: hand for hand, ref in _HAND_TO_REFERENCE.items()
     }
-    dst.load_state_dict({_rename(k, mapping): v for k, v in src.state_dict().items()}, strict=True)
+    state = {_rename(k, mapping): v for k, v in src.state_dict().items()}
+    if isinstance(dst, ReferenceDecoderModel) and dst.config.tie_embeddings:
+        state.setdefault("lm_head.weight", state["embedding.weight"])  # tinygpt stores it once
+    dst.load_state_dict(state, strict=True)

@@ -22,7 +22,7 @@ blocks.1.attention       4,224
 blocks.1.norm1              64
 blocks.1.mlp             4,192
 blocks.1.norm2              64
-head                     1,320
+lm_head                  1,320
 total                   20,712
 """
 
@@ -58,7 +58,7 @@ def test_summary_total_is_the_models_parameter_count(capsys, options):
 @pytest.mark.parametrize("options, message", [
     (["--n-heads", "5"], "d_model (32) must be divisible by n_heads (5)."),
     (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5."),
-    (["--activation", "tanh"], "activation must be one of relu, gelu, got 'tanh'."),
+    (["--activation", "tanh"], "activation must be one of relu, gelu, gelu_tanh, got 'tanh'."),
     (["--vocab-size", "0"], "vocab_size must be a positive integer, got 0."),
 ])
 def test_summary_bad_config_is_one_line_with_exit_code_2(capsys, options, message):

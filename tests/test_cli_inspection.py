@@ -82,7 +82,7 @@ def test_finetune_saves_adapters_beside_the_base_and_leaves_it_untouched(run, tm
     run_dir, corpus = run
     before = _digests(run_dir)
     assert main(["finetune", "--checkpoint", str(run_dir), "--corpus", str(corpus),
-                 "--lora-rank", "2", "--lora-targets", "in_proj", "head", "--steps", "3",
+                 "--lora-rank", "2", "--lora-targets", "in_proj", "lm_head", "--steps", "3",
                  "--batch-size", "4", "--lr", "0.01", "--device", "cpu"]) == 0
     assert "wrote adapters to" in capsys.readouterr().out
     adapters = run_dir / "lora"

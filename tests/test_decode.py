@@ -159,7 +159,7 @@ def test_inductor_step_equals_recomputation():
     assert prefills < n // 2  # most steps were compiled ones
     # The weights are inputs of the graph, not constants baked into it: a change is seen.
     with torch.no_grad():
-        model.head.weight.mul_(-1)
+        model.lm_head.weight.mul_(-1)
     changed, _ = run_steps(model, prompt, 4, policy="fast", compile=True)
     recomputed, _ = run_steps(model, prompt, 4, policy="fast", use_cache=False)
     for a, b in zip(changed, recomputed, strict=True):

@@ -348,7 +348,7 @@ SEED_TABLE = [("positional", 1024), ("embedding", 1280)] + [
         (f"blocks.{n}.attention", 4224), (f"blocks.{n}.norm1", 64),
         (f"blocks.{n}.mlp", 4192), (f"blocks.{n}.norm2", 64),
     )
-] + [("head", 1320)]
+] + [("lm_head", 1320)]
 
 
 @pytest.mark.parametrize("build", ("hand", "reference"))

@@ -52,12 +52,12 @@ def test_adapted_model_equals_the_base_at_step_zero():
 
 
 def test_every_target_is_adapted_and_nothing_else_trains():
-    adapted = add_lora(_base(), LoraSettings(rank=2, targets=("mlp.0", "head")))
+    adapted = add_lora(_base(), LoraSettings(rank=2, targets=("mlp.fc_in", "lm_head")))
     trainable = sorted(n for n, p in adapted.named_parameters() if p.requires_grad)
     assert trainable and all("lora_" in n for n in trainable)
-    assert any(".mlp.0.lora_A" in n for n in trainable)
-    assert any(".head.lora_B" in n for n in trainable)
-    assert not any("in_proj" in n or "mlp.2" in n for n in trainable)
+    assert any(".mlp.fc_in.lora_A" in n for n in trainable)
+    assert any(".lm_head.lora_B" in n for n in trainable)
+    assert not any("in_proj" in n or "mlp.fc_out" in n for n in trainable)
 
 
 def test_finetuning_changes_only_adapter_parameters(trained):

@@ -14,6 +14,8 @@ from torch import nn
 
 from reference import ReferenceDecoderModel
 from tinygpt import ModelConfig, TinyDecoderModel, next_token_loss
+from tinygpt.inspection import hook_names
+from tinygpt.model import check_token_ids, parameter_table
 
 
 @given(case=model_cases())
@@ -44,9 +46,10 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("idx, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
 def test_bad_input_raises_one_sentence_naming_the_value(idx, message):
-    model = TinyDecoderModel(SEED_CONFIG)
+    # The check lives at the boundaries (generation, the command line), not in forward, which must
+    # compile whole and make no host sync.
     with pytest.raises(ValueError, match=message) as error:
-        model(idx)
+        check_token_ids(idx, SEED_CONFIG)
     assert "\n" not in str(error.value) and str(error.value).endswith(".")
 
 
@@ -93,7 +96,7 @@ def test_every_matrix_is_xavier_normal(config, build):
         assert abs(weight.std().item() / std - 1) <= 5 / math.sqrt(2 * n), name
         beyond = (weight.abs() > math.sqrt(3) * std).float().mean().item()
         assert 0.04 < beyond < 0.13, f"{name}: {beyond:.3f} of entries beyond √3·std"
-    assert "positional" in names and "embedding.weight" in names and "head.weight" in names
+    assert "positional" in names and "embedding.weight" in names and "lm_head.weight" in names
     assert sum("attention" in name for name in names) == 2 * config.n_layers
 
 
@@ -148,3 +151,90 @@ def test_causal_mask_is_a_buffer_outside_the_state_dict():
     assert "causal_mask" in dict(model.named_buffers())
     assert "causal_mask" not in model.state_dict()
     assert model.double().causal_mask.dtype == torch.float64
+
+
+# ------------------------------------------------------------------ compiling, hooks, old names
+
+
+def test_forward_and_loss_compile_whole():
+    """`fullgraph=True` turns any graph break (a host sync, a data-dependent branch, a Python-side
+    value check) into an error, so the training step compiles as one graph. The counting backend
+    proves the compiled graph really ran rather than a silent eager fallback."""
+    calls = []
+
+    def counting_backend(graph_module, example_inputs):
+        calls.append(graph_module)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    model = TinyDecoderModel(ModelConfig.preset("shakespeare-cpu", vocab_size=40, n_layers=2))
+    step = torch.compile(lambda x, y: next_token_loss(model(x), y), backend=counting_backend,
+                         fullgraph=True)
+    x, y = torch.randint(40, (2, 16)), torch.randint(40, (2, 16))
+    torch.testing.assert_close(step(x, y), next_token_loss(model(x), y))
+    assert len(calls) == 1
+
+
+def test_hook_names_follow_the_order_hooks_fire():
+    """The declared order that `hook_names` reads equals the order of a real forward pass."""
+    for config in (SEED_CONFIG, ModelConfig.preset("shakespeare-cpu", vocab_size=40, n_layers=2)):
+        model = TinyDecoderModel(config)
+        fired = []
+        handles = [module.register_forward_hook(lambda m, i, o, name=name: fired.append(name))
+                   for name, module in model.named_modules() if name in set(hook_names(model))]
+        model(torch.randint(40, (1, 8)))
+        for handle in handles:
+            handle.remove()
+        assert fired == hook_names(model)
+        assert len(fired) == 12 * config.n_layers
+
+
+def test_old_state_dict_names_still_load():
+    """Checkpoints saved when the LM head was `head` and the MLP an `nn.Sequential` (`mlp.0`,
+    `mlp.2`) load into today's names with strict=True, to the same logits."""
+    torch.manual_seed(0)
+    model = TinyDecoderModel(SEED_CONFIG)
+    old = {}
+    for key, value in model.state_dict().items():
+        key = key.replace("lm_head.", "head.").replace("mlp.fc_in.", "mlp.0.")
+        old[key.replace("mlp.fc_out.", "mlp.2.")] = value.clone()
+    assert "head.weight" in old and "blocks.0.mlp.2.bias" in old
+    fresh = TinyDecoderModel(SEED_CONFIG)
+    fresh.load_state_dict(old, strict=True)
+    idx = torch.randint(40, (2, 8))
+    assert torch.equal(fresh(idx), model(idx))
+
+
+def test_tied_embeddings_share_one_tensor_counted_once():
+    config = replace(SEED_CONFIG, tie_embeddings=True, head_bias=False)
+    torch.manual_seed(0)
+    model = TinyDecoderModel(config)
+    assert model.lm_head.weight is model.embedding.weight
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 20_712 - 40 * 32 - 40 == sum(n for _, n in parameter_table(model))
+    assert "lm_head.weight" not in model.state_dict()  # safetensors refuses a shared storage
+    before = model.embedding.weight.detach().clone()
+    next_token_loss(model(torch.randint(40, (2, 8))), torch.randint(40, (2, 8))).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not torch.equal(model.embedding.weight, before)
+    assert model.lm_head.weight is model.embedding.weight
+    reloaded = TinyDecoderModel(config)
+    reloaded.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(reloaded.lm_head.weight, model.embedding.weight)
+
+
+def test_attention_only_blocks_have_no_mlp():
+    config = replace(SEED_CONFIG, attn_only=True, norm_first=True)
+    model = TinyDecoderModel(config)
+    assert all(block.mlp is None for block in model.blocks)
+    assert not any("mlp" in name or "norm2" in name for name, _ in model.named_parameters())
+    assert sum(p.numel() for p in model.parameters()) == sum(n for _, n in parameter_table(model))
+
+
+def test_gpt2_preset_has_gpt2_smalls_published_parameter_count():
+    """124,439,808 is the count `transformers` reports for GPT-2 small (tied head, no head bias).
+    Built on the meta device: sizes without memory."""
+    with torch.device("meta"):
+        model = TinyDecoderModel(ModelConfig.preset("gpt2"))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert sum(n for _, n in parameter_table(model)) == 124_439_808

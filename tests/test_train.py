@@ -63,7 +63,7 @@ def test_gpt2_init_scales_residual_projections():
     gpt2_init(model)
     params = dict(model.named_parameters())
     assert params["blocks.0.attention.in_proj.weight"].std().item() == pytest.approx(0.02, rel=0.05)
-    assert params["blocks.1.mlp.2.weight"].std().item() == pytest.approx(0.01, rel=0.05)  # 0.02/sqrt(4)
+    assert params["blocks.1.mlp.fc_out.weight"].std().item() == pytest.approx(0.01, rel=0.05)  # 0.02/sqrt(4)
     assert params["blocks.1.attention.out_proj.weight"].std().item() == pytest.approx(0.01, rel=0.05)
     assert all(not p.any() for n, p in params.items() if n.endswith("bias"))
     assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items() if "norm" in n and n.endswith("weight"))

@@ -134,9 +134,11 @@ class HookPoint(nn.Identity):
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention with `nn.MultiheadAttention(batch_first=True)`'s parameters and signature."""
+    """Self-attention with `nn.MultiheadAttention(batch_first=True)`'s parameters and signature.
 
-    HOOKS = ("q", "k", "v", "scores", "masked_scores", "pattern", "z")
+    The hook points are declared in the order the forward pass reaches them, each with the shape
+    it observes, so `inspection` reads that order from the module itself.
+    """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -144,12 +146,22 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
         self.n_heads, self.dropout = n_heads, dropout
         self.in_proj = nn.Linear(d_model, 3 * d_model)  # rows: q, k, v, each (h d)
+        self.hook_q = HookPoint()  # b h i d
+        self.hook_k = HookPoint()  # b h j d (the new positions only, before the cache)
+        self.hook_v = HookPoint()  # b h j d
+        self.hook_scores = HookPoint()  # b h i j, q kᵀ / √d
+        self.hook_masked_scores = HookPoint()  # b h i j, scores + mask
+        self.hook_pattern = HookPoint()  # b h i j, the weights after softmax (and dropout)
+        self.hook_z = HookPoint()  # b h i d, the weighted values before out_proj
         self.out_proj = nn.Linear(d_model, d_model)
-        for name in self.HOOKS:
-            self.add_module(f"hook_{name}", HookPoint())
 
     def _hook(self, name: str, x: Tensor) -> Tensor:
-        return getattr(self, f"hook_{name}")(x)
+        """The hook points `scaled_dot_product` passes its intermediates through."""
+        if name == "scores":
+            return self.hook_scores(x)
+        if name == "masked_scores":
+            return self.hook_masked_scores(x)
+        return self.hook_pattern(x)
 
     def forward(self, x, attn_mask=None, key_padding_mask=None, need_weights=False,
                 average_attn_weights=True, cache: KVCache | None = None):

@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora-alpha", type=float, default=16.0, help="scale alpha (default: 16)")
     lora.add_argument("--lora-targets", nargs="+", default=["in_proj", "out_proj"],
                       metavar="TARGET", help="linear layers to adapt, from: in_proj out_proj "
-                      "mlp.0 mlp.2 head (default: in_proj out_proj)")
+                      "mlp.fc_in mlp.fc_out lm_head (default: in_proj out_proj)")
     lora.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     lora.add_argument("--batch-size", type=int, default=16, help="windows per step (default: 16)")
     lora.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh")  # gelu_tanh: GPT-2's approximation
 
 
 @dataclass(frozen=True)
@@ -14,10 +14,15 @@ class ModelConfig:
     """Every size of the decoder, with the names of "Attention Is All You Need".
 
     `seed_input_scale` reproduces a quirk of the seed code: the input of every attention layer is
-    multiplied by `d_model ** -0.5` (on top of attention's own `d_head ** -0.5`). Because q, k and v
-    are linear in that input, with zero biases the scores shrink by a further factor of `d_model`
-    (each of q and k by `d_model ** -0.5`) and the values by `d_model ** -0.5`, so the softmax starts
-    out almost uniform. Only the `seed` preset turns it on.
+    multiplied by `d_model ** -0.5` (on top of attention's own `d_head ** -0.5`). Because q, k and
+    v are linear in that input, with zero biases the scores shrink by a further factor of `d_model`
+    (each of q and k by `d_model ** -0.5`) and the values by `d_model ** -0.5`, so the softmax
+    starts out almost uniform. Only the `seed` preset turns it on.
+
+    `attn_only` drops each block's MLP (and its LayerNorm): the attention-only models in which
+    induction heads are studied. `tie_embeddings` makes the LM head's weight the token embedding
+    itself (GPT-2), `head_bias` gives the LM head a bias (GPT-2 has none) and `layer_norm_eps` is
+    every LayerNorm's epsilon. Their defaults keep the seed design and every saved checkpoint.
     """
 
     vocab_size: int = 40
@@ -30,12 +35,20 @@ class ModelConfig:
     norm_first: bool = False  # False: post-LayerNorm (the seed); True: pre-LayerNorm (GPT-2)
     activation: str = "relu"
     seed_input_scale: bool = False
+    attn_only: bool = False
+    tie_embeddings: bool = False
+    head_bias: bool = True
+    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            check_positive_int(name, getattr(self, name))
+        for name in ("norm_first", "seed_input_scale", "attn_only", "tie_embeddings", "head_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"layer_norm_eps must be a number in (0, 1), got {eps!r}.")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})."
@@ -73,7 +86,23 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-# vocab_size of the larger presets is a placeholder: training replaces it with the tokenizer's size.
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise a one-sentence ValueError unless `value` is an int >= 1 (a bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _gpt2(n_layers: int, n_heads: int, d_model: int) -> dict[str, Any]:
+    """GPT-2's architecture at one of its four published sizes (random weights until imported)."""
+    return dict(
+        vocab_size=50257, d_model=d_model, n_heads=n_heads, n_layers=n_layers, d_ff=4 * d_model,
+        max_seq=1024, dropout=0.0, norm_first=True, activation="gelu_tanh",
+        tie_embeddings=True, head_bias=False, layer_norm_eps=1e-5,
+    )
+
+
+# vocab_size of shakespeare-cpu and baby is a placeholder: training replaces it with the tokenizer's
+# size. The gpt2 family keeps GPT-2's own 50,257 tokens.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(
         vocab_size=40, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq=32,
@@ -87,4 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=65, d_model=384, n_heads=6, n_layers=6, d_ff=1536, max_seq=256,
         dropout=0.2, norm_first=True, activation="gelu",
     ),
+    "gpt2": _gpt2(n_layers=12, n_heads=12, d_model=768),  # 124M parameters
+    "gpt2-medium": _gpt2(n_layers=24, n_heads=16, d_model=1024),  # 355M
+    "gpt2-large": _gpt2(n_layers=36, n_heads=20, d_model=1280),  # 774M
+    "gpt2-xl": _gpt2(n_layers=48, n_heads=25, d_model=1600),  # 1.5B
 }

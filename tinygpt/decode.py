@@ -57,7 +57,7 @@ def decode_step(model: TinyDecoderModel, idx: Tensor, positions: Tensor, index: 
         x = block(x, None, is_blocked, StaticKVCache(k, v, index))
     if model.final_norm is not None:
         x = model.final_norm(x)
-    return model.head(x)[:, -1]
+    return model.lm_head(x)[:, -1]
 
 
 @functools.cache

@@ -7,8 +7,6 @@ one call and always removed afterwards, so a model with no call in flight is unt
 
 from __future__ import annotations
 
-import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tinygpt.attention import HookPoint, MultiHeadAttention
-from tinygpt.model import TinyDecoderModel, next_token_loss
+from tinygpt.attention import HookPoint
+from tinygpt.model import TinyDecoderModel, check_token_ids, next_token_loss
 
 # A hook function gets the activation and returns a replacement, or None to leave it as it is.
 HookFn = Callable[[Tensor], Tensor | None]
@@ -25,27 +23,13 @@ HookFn = Callable[[Tensor], Tensor | None]
 HEAD_KINDS = ("previous-token", "first-token", "self")
 
 
-# Where each hook point of a block fires in its forward pass (registration order differs:
-# the attention's hooks are registered before the block's own).
-_BLOCK_ORDER = (
-    "hook_resid_pre",
-    *(f"attention.hook_{name}" for name in MultiHeadAttention.HOOKS),
-    "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
-)
-_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-
-def _forward_rank(name: str) -> tuple[int, int]:
-    match = _BLOCK_NAME.match(name)
-    if match is None or match.group(2) not in _BLOCK_ORDER:
-        return (sys.maxsize, 0)
-    return (int(match.group(1)), _BLOCK_ORDER.index(match.group(2)))
-
-
 def hook_names(model: nn.Module) -> list[str]:
-    """Every observation point of `model`, in the order a forward pass reaches them."""
-    names = [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
-    return sorted(names, key=_forward_rank)
+    """Every observation point of `model`, in the order a forward pass reaches them.
+
+    That is the order of `named_modules()`, because every module declares its hook points in
+    forward order (a test checks it against a real forward pass).
+    """
+    return [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
 
 
 def _hook_points(model: nn.Module, names: Iterable[str]) -> dict[str, HookPoint]:
@@ -100,6 +84,7 @@ def run_with_cache(model: TinyDecoderModel, idx: Tensor,
 
         return store
 
+    check_token_ids(idx, model.config)
     with hooks(model, {name: keep(name) for name in names}):
         logits = model(idx)
     return logits, cache
@@ -107,7 +92,8 @@ def run_with_cache(model: TinyDecoderModel, idx: Tensor,
 
 def run_with_interventions(model: TinyDecoderModel, idx: Tensor,
                            interventions: Mapping[str, HookFn]) -> Tensor:
-    """idx `(b t)` -> logits `(b t v)` with each named activation replaced by its function's result."""
+    """idx `(b t)` -> logits `(b t v)`, each named activation replaced by its function's result."""
+    check_token_ids(idx, model.config)
     with hooks(model, interventions):
         return model(idx)
 
@@ -140,7 +126,8 @@ def ablate_head(model: TinyDecoderModel, idx: Tensor, layer: int, head: int) -> 
     """Logits `(b t v)` with head `head` of layer `layer` zero-ablated: its output `z` is zeroed
     before the heads are merged, so it adds nothing but out_proj's bias to the residual stream."""
     _check_head(model, layer, head)
-    return run_with_interventions(model, idx, {f"blocks.{layer}.attention.hook_z": zero_heads(head)})
+    z_name = f"blocks.{layer}.attention.hook_z"
+    return run_with_interventions(model, idx, {z_name: zero_heads(head)})
 
 
 @torch.no_grad()
@@ -151,7 +138,8 @@ def head_importance(model: TinyDecoderModel, idx: Tensor, targets: Tensor) -> tu
     rise = torch.zeros(model.config.n_layers, model.config.n_heads)
     for layer in range(model.config.n_layers):
         for head in range(model.config.n_heads):
-            rise[layer, head] = next_token_loss(ablate_head(model, idx, layer, head), targets) - base
+            ablated = ablate_head(model, idx, layer, head)
+            rise[layer, head] = next_token_loss(ablated, targets) - base
     return base, rise
 
 
@@ -183,7 +171,8 @@ def pattern_scores(pattern: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def classify_heads(model: TinyDecoderModel, idx: Tensor, threshold: float = 0.4) -> list[HeadScores]:
+def classify_heads(model: TinyDecoderModel, idx: Tensor,
+                   threshold: float = 0.4) -> list[HeadScores]:
     """Score every head on idx `(b t)` as previous-token, first-token and self head.
 
     A score is the mean attention weight on that key, so 1.0 is a perfect head of the kind and

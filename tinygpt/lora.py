@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from tinygpt.model import TinyDecoderModel, next_token_loss
 
-# Module-name suffixes peft matches against `named_modules()`, e.g. "blocks.0.mlp.0".
-LORA_TARGETS = ("in_proj", "out_proj", "mlp.0", "mlp.2", "head")
+# Module-name suffixes peft matches against `named_modules()`, e.g. "blocks.0.mlp.fc_in".
+LORA_TARGETS = ("in_proj", "out_proj", "mlp.fc_in", "mlp.fc_out", "lm_head")
 
 
 @dataclass(frozen=True)

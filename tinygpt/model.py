@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -10,7 +13,30 @@ from torch import Tensor, nn
 from tinygpt.attention import HookPoint, KVCache, MultiHeadAttention, causal_mask
 from tinygpt.config import ModelConfig
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+# State-dict keys before the LM head and the MLP's layers got their names: checkpoints written
+# then still load (see `_rename_old_keys`).
+_OLD_KEYS = ((re.compile(r"^head\."), "lm_head."),
+             (re.compile(r"\.mlp\.0\."), ".mlp.fc_in."),
+             (re.compile(r"\.mlp\.2\."), ".mlp.fc_out."))
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward layer: `(h d) -> f -> (h d)` with an activation between."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.d_model, config.d_ff)
+        self.activation = _ACTIVATIONS[config.activation]()
+        self.fc_out = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:  # b t (h d) -> b t (h d)
+        return self.fc_out(self.activation(self.fc_in(x)))
 
 
 class DecoderBlock(nn.Module):
@@ -18,25 +44,28 @@ class DecoderBlock(nn.Module):
 
     Post-norm (the seed, the original Transformer): `x = norm(x + sublayer(x))`.
     Pre-norm (GPT-2, `norm_first`): `x = x + sublayer(norm(x))`, which trains deeper stacks stably.
-    """
+    With `attn_only` there is no MLP: `resid_post` is `resid_mid`.
 
-    HOOKS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+    Hook points are declared in forward order (the attention's own sit between `hook_resid_pre`
+    and `hook_attn_out`), so `inspection.hook_names` lists them in the order they fire.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.norm_first = config.norm_first
         self.input_scale = config.d_model ** -0.5 if config.seed_input_scale else None
+        eps = config.layer_norm_eps
+        self.hook_resid_pre = HookPoint()  # b t (h d)
         self.attention = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
-        self.norm1 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, config.d_ff),
-            _ACTIVATIONS[config.activation](),
-            nn.Linear(config.d_ff, config.d_model),
-        )
-        self.norm2 = nn.LayerNorm(config.d_model)
+        self.hook_attn_out = HookPoint()  # b t (h d), after dropout
+        self.norm1 = nn.LayerNorm(config.d_model, eps=eps)
+        self.hook_resid_mid = HookPoint()  # b t (h d)
+        self.mlp = None if config.attn_only else MLP(config)
+        self.hook_mlp_out = HookPoint()  # b t (h d), after dropout (zeros when attn_only)
+        # Without an MLP there is nothing for a second LayerNorm to normalise.
+        self.norm2 = nn.Identity() if config.attn_only else nn.LayerNorm(config.d_model, eps=eps)
+        self.hook_resid_post = HookPoint()  # b t (h d)
         self.dropout = nn.Dropout(config.dropout)
-        for name in self.HOOKS:
-            self.add_module(f"hook_{name}", HookPoint())
 
     def _attend(self, x: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None,
                 cache: KVCache | None) -> Tensor:
@@ -45,17 +74,30 @@ class DecoderBlock(nn.Module):
         out, _ = self.attention(x, attn_mask=mask, key_padding_mask=key_padding_mask, cache=cache)
         return self.hook_attn_out(self.dropout(out))
 
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        if self.mlp is None:
+            return self.hook_mlp_out(torch.zeros_like(x))
+        return self.hook_mlp_out(self.dropout(self.mlp(x)))
+
     def forward(self, x, mask=None, key_padding_mask=None, cache=None):  # b t (h d) -> b t (h d)
-        x = self.hook_resid_pre(x)
+        resid_pre = self.hook_resid_pre(x)
         if self.norm_first:
-            x = self.hook_resid_mid(x + self._attend(self.norm1(x), mask, key_padding_mask, cache))
-            return self.hook_resid_post(x + self.hook_mlp_out(self.dropout(self.mlp(self.norm2(x)))))
-        x = self.hook_resid_mid(self.norm1(x + self._attend(x, mask, key_padding_mask, cache)))
-        return self.hook_resid_post(self.norm2(x + self.hook_mlp_out(self.dropout(self.mlp(x)))))
+            attn_out = self._attend(self.norm1(resid_pre), mask, key_padding_mask, cache)
+            resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+            mlp_out = self._feed_forward(self.norm2(resid_mid))
+            return self.hook_resid_post(resid_mid + mlp_out)
+        attn_out = self._attend(resid_pre, mask, key_padding_mask, cache)
+        resid_mid = self.hook_resid_mid(self.norm1(resid_pre + attn_out))
+        mlp_out = self._feed_forward(resid_mid)
+        return self.hook_resid_post(self.norm2(resid_mid + mlp_out))
 
 
 class TinyDecoderModel(nn.Module):
-    """Token embedding + learned positions -> blocks -> (final LayerNorm if pre-norm) -> head."""
+    """Token embedding + learned positions -> blocks -> (final LayerNorm if pre-norm) -> LM head.
+
+    `forward` checks no token values (that would be a host sync per call on a GPU and a graph break
+    under `torch.compile`): callers that take ids from outside call `check_token_ids` once.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -64,11 +106,16 @@ class TinyDecoderModel(nn.Module):
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
-        self.final_norm = nn.LayerNorm(config.d_model) if config.norm_first else None
-        self.head = nn.Linear(config.d_model, config.vocab_size)
+        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+                           if config.norm_first else None)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.head_bias)
         # Not persistent: it is derived from max_seq, so checkpoints need not carry it.
         self.register_buffer("causal_mask", causal_mask(config.max_seq), persistent=False)
         init_weights(self)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight  # one tensor: v (h d)
+        self.register_state_dict_post_hook(_drop_tied_head)
+        self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def forward(self, idx: Tensor, *, cache: list[KVCache] | None = None,
                 positions: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
@@ -79,7 +126,6 @@ class TinyDecoderModel(nn.Module):
         appended. `positions (b t)` overrides each token's position, for rows padded on the left;
         `key_padding_mask (b j)` is True where key j (cached or new) is padding.
         """
-        check_token_ids(idx, self.config)
         t = idx.shape[1]
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}.")
@@ -95,7 +141,7 @@ class TinyDecoderModel(nn.Module):
             x = block(x, mask, key_padding_mask, layer_cache)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.head(x)
+        return self.lm_head(x)
 
     def _positional(self, idx: Tensor, positions: Tensor | None, past: int) -> Tensor:
         """Position embeddings `(t (h d))` after the cache, or `(b t (h d))` for given positions."""
@@ -105,14 +151,32 @@ class TinyDecoderModel(nn.Module):
             raise ValueError(
                 f"positions {tuple(positions.shape)} must match idx {tuple(idx.shape)}."
             )
-        low, high = positions.aminmax()
-        if low < 0 or high >= self.config.max_seq:
-            raise ValueError(f"positions must lie in 0..{self.config.max_seq - 1}.")
         return self.positional[positions]
 
     def new_cache(self) -> list[KVCache]:
         """An empty key/value cache, one `KVCache` per block, for `forward(..., cache=)`."""
         return [KVCache() for _ in self.blocks]
+
+
+def _drop_tied_head(model: TinyDecoderModel, state: dict, prefix: str, local_metadata) -> None:
+    """With tied embeddings the state dict holds the shared tensor once, as `embedding.weight`
+    (safetensors refuses two names for one storage)."""
+    if model.config.tie_embeddings:
+        state.pop(f"{prefix}lm_head.weight", None)
+
+
+def _rename_old_keys(model: TinyDecoderModel, state: dict, prefix: str, *args) -> None:
+    """Load pre-hook: old names (`head.*`, `mlp.0.*`, `mlp.2.*`) to today's, and the tied head's
+    weight from the embedding, so every checkpoint saved before still loads with `strict=True`."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        for old, new in _OLD_KEYS:
+            local = old.sub(new, local, count=1)
+        if prefix + local != key:
+            state[prefix + local] = state.pop(key)
+    tied = f"{prefix}embedding.weight"
+    if tied in state and f"{prefix}lm_head.weight" not in state:
+        state[f"{prefix}lm_head.weight"] = state[tied]
 
 
 def init_weights(model: nn.Module) -> None:
@@ -135,6 +199,20 @@ def init_weights(model: nn.Module) -> None:
         nn.init.xavier_normal_(positional)
 
 
+def gpt2_init(model: TinyDecoderModel) -> None:
+    """GPT-2's initialisation: weights N(0, 0.02), and the projections that write into the residual
+    stream (attention `out_proj`, the MLP's `fc_out`) shrunk by 1/sqrt(2 n_layers) so the stream's
+    variance does not grow with depth; zero biases. An alternative to the model's own Xavier init,
+    which trained faster on the laptop recipe at lr 1e-3 (smaller weights learn slower).
+    """
+    residual_writers = ("out_proj.weight", "fc_out.weight")
+    std_out = 0.02 / math.sqrt(2 * model.config.n_layers)
+    for name, param in model.named_parameters():
+        if name.endswith("bias") or "norm" in name:
+            continue
+        nn.init.normal_(param, std=std_out if name.endswith(residual_writers) else 0.02)
+
+
 def check_token_ids(idx: Tensor, config: ModelConfig) -> None:
     """Raise a ValueError naming the bad value, before an index error deep inside torch does."""
     if idx.dtype not in (torch.int64, torch.int32):  # the index dtypes nn.Embedding accepts
@@ -150,27 +228,40 @@ def check_token_ids(idx: Tensor, config: ModelConfig) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary 0..{config.vocab_size - 1}.")
 
 
+def check_positions(positions: Tensor, config: ModelConfig) -> None:
+    """Raise a ValueError unless every position `(b t)` lies in 0..max_seq-1 (a boundary check:
+    `forward` indexes the position table without looking)."""
+    low, high = positions.aminmax()
+    if low < 0 or high >= config.max_seq:
+        raise ValueError(f"positions must lie in 0..{config.max_seq - 1}.")
+
+
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy of logits `(b t v)` against targets `(b t)` (the inputs shifted by one).
 
     Flattened on purpose: `F.cross_entropy` reads a 3-D input as `(b v t)`, which is silently
     wrong when t == v.
     """
-    return F.cross_entropy(rearrange(logits, "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)"))
+    flat_logits = rearrange(logits, "b t v -> (b t) v")
+    return F.cross_entropy(flat_logits, rearrange(targets, "b t -> (b t)"))
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, int]]:
-    """Parameters per module, in the order the input flows through them."""
+    """Parameters per module, in the order the input flows through them. A tied LM head counts
+    only its bias: its weight is the embedding's, counted there."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     rows = [("positional", model.positional.numel()), ("embedding", count(model.embedding))]
     for n, block in enumerate(model.blocks):
-        rows += [
-            (f"blocks.{n}.attention", count(block.attention)),
-            (f"blocks.{n}.norm1", count(block.norm1)),
-            (f"blocks.{n}.mlp", count(block.mlp)),
-            (f"blocks.{n}.norm2", count(block.norm2)),
-        ]
+        rows += [(f"blocks.{n}.attention", count(block.attention)),
+                 (f"blocks.{n}.norm1", count(block.norm1))]
+        if block.mlp is not None:
+            rows += [(f"blocks.{n}.mlp", count(block.mlp)),
+                     (f"blocks.{n}.norm2", count(block.norm2))]
     if model.final_norm is not None:
         rows.append(("final_norm", count(model.final_norm)))
-    rows.append(("head", count(model.head)))
+    head = model.lm_head
+    if head.weight is model.embedding.weight:
+        rows.append(("lm_head (tied)", 0 if head.bias is None else head.bias.numel()))
+    else:
+        rows.append(("lm_head", count(head)))
     return rows

@@ -1,7 +1,8 @@
 """Text <-> token ids: a character tokenizer and a byte-level BPE, both saved as JSON.
 
 Both expose the same small surface (`vocab_size`, `encode`, `decode`, `to_dict`, `save`), so the
-data pipeline, the trainer and every checkpoint treat them alike; `load_tokenizer` reads either back.
+data pipeline, the trainer and every checkpoint treat them alike; `load_tokenizer` reads either
+back.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from tinygpt.files import write_atomic
 
@@ -68,7 +69,8 @@ class CharTokenizer:
         for i in ids:
             i = int(i)
             if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
+                raise TokenizerError(
+                    f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
             out.append(self.chars[i] if i < self.unk_id else UNK_TEXT)
         return "".join(out)
 
@@ -93,12 +95,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str] | str, vocab_size: int) -> BPETokenizer:
-        """Learn merges from `texts` until the vocabulary holds `vocab_size` tokens (> 256), or fewer
-        when the texts run out of pairs to merge."""
+        """Learn merges from `texts` until the vocabulary holds `vocab_size` tokens (> 256), or
+        fewer when the texts run out of pairs to merge."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(alphabet):
+        too_small = not isinstance(vocab_size, int) or vocab_size <= len(alphabet)
+        if isinstance(vocab_size, bool) or too_small:
             raise TokenizerError(
                 f"BPE vocab_size must be an integer above the {len(alphabet)} byte tokens, "
                 f"got {vocab_size!r}."
@@ -110,7 +113,8 @@ class BPETokenizer:
             vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False,
             special_tokens=[],
         )
-        tokenizer.train_from_iterator(_chunks([texts] if isinstance(texts, str) else texts), trainer)
+        pieces = _chunks([texts] if isinstance(texts, str) else texts)
+        tokenizer.train_from_iterator(pieces, trainer)
         return cls(tokenizer)
 
     @classmethod
@@ -133,7 +137,8 @@ class BPETokenizer:
         ids = [int(i) for i in ids]
         for i in ids:
             if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
+                raise TokenizerError(
+                    f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
         return self._tokenizer.decode(ids, skip_special_tokens=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +148,7 @@ class BPETokenizer:
         write_atomic(Path(path), json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8"))
 
 
-Tokenizer = Union[CharTokenizer, BPETokenizer]
+Tokenizer = CharTokenizer | BPETokenizer
 
 
 def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:

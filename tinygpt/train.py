@@ -28,7 +28,7 @@ from tinygpt.checkpoint import (
 )
 from tinygpt.config import ModelConfig
 from tinygpt.data import TokenData
-from tinygpt.model import TinyDecoderModel, next_token_loss
+from tinygpt.model import TinyDecoderModel, gpt2_init, next_token_loss
 from tinygpt.tokenizer import Tokenizer
 
 INITS = ("model", "gpt2")  # the model's own (seed) initialisation, or GPT-2's
@@ -103,20 +103,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def gpt2_init(model: TinyDecoderModel) -> None:
-    """GPT-2's initialisation: weights N(0, 0.02), and the projections that write into the residual
-    stream (attention `out_proj`, the MLP's second Linear) shrunk by 1/sqrt(2 n_layers) so the
-    stream's variance does not grow with depth; zero biases. An alternative to the model's own
-    Xavier init, which trained faster on the laptop recipe at lr 1e-3 (smaller weights learn slower).
-    """
-    n_layers = model.config.n_layers
-    for name, param in model.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-            continue
-        std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("out_proj.weight", "mlp.2.weight")) else 0.02
-        nn.init.normal_(param, std=std)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
