@@ -210,6 +210,36 @@ def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | os.PathLike) 
     return out_dir
 
 
+def token_cache_dir(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
+                    data_dir: str | os.PathLike) -> Path:
+    """Where the tokens of `corpus_file` under `tokenizer` are cached:
+    `data_dir/tokens/STEM-KEY`, KEY a hash of the tokenizer, so two tokenizers never share files.
+
+    The text itself is checked by `prepare_tokens` (its hash is in the cache's meta), so an edited
+    corpus is re-encoded in the same place.
+    """
+    blob = json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8")
+    key = hashlib.sha256(blob).hexdigest()[:12]
+    return Path(data_dir) / "tokens" / f"{Path(corpus_file).stem}-{key}"
+
+
+def cached_tokens(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
+                  data_dir: str | os.PathLike) -> TokenData:
+    """The train/validation tokens of `corpus_file`, encoded once into `data_dir` and reused."""
+    token_dir = token_cache_dir(corpus_file, tokenizer, data_dir)
+    prepare_tokens(read_text(corpus_file), tokenizer, token_dir)
+    return TokenData.open(token_dir)
+
+
+def held_out_tokens(ids: list[int], val_fraction: float, at_least: int) -> list[int]:
+    """The last `val_fraction` of a token stream, the part a model trained on the rest has not
+    seen; never fewer than `at_least` tokens (one evaluation window) while the stream has them.
+    """
+    if not 0.0 < val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1], got {val_fraction}.")
+    return ids[max(0, len(ids) - max(int(len(ids) * val_fraction), at_least)):]
+
+
 @dataclass
 class TokenData:
     """The train and validation token streams of a prepared corpus, memory-mapped."""
