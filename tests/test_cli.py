@@ -32,7 +32,8 @@ def command_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ())
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, child in action.choices.items():
-                found.update(command_parsers(child, (*path, name)) or {" ".join((*path, name)): child})
+                below = command_parsers(child, (*path, name))
+                found.update(below or {" ".join((*path, name)): child})
     return found
 
 
@@ -46,8 +47,8 @@ def flag_conflicts(parsers: dict) -> list[str]:
                 actions[flag][command] = action
     problems = []
     for flag, by_command in sorted(actions.items()):
-        shapes = {command: (type(a).__name__, a.type, None if a.choices is None else tuple(a.choices),
-                            a.nargs, a.const) for command, a in by_command.items()}
+        shapes = {command: (type(a).__name__, a.type, a.choices and tuple(a.choices), a.nargs,
+                            a.const) for command, a in by_command.items()}
         defaults = {command: repr(a.default) for command, a in by_command.items() if not a.required}
         if len(set(shapes.values())) > 1:
             problems.append(f"{flag} takes different values: {shapes}")
@@ -61,7 +62,7 @@ def test_every_flag_has_one_meaning_and_one_default_in_every_command():
     assert flag_conflicts(parsers) == []
     # The check has something to hold: the shared groups really are shared.
     shared = defaultdict(set)
-    for command, parser in parsers.items():
+    for parser in parsers.values():
         for action in parser._actions:
             for flag in action.option_strings:
                 shared[flag].add(id(parser))

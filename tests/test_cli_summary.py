@@ -42,8 +42,10 @@ def test_summary_console_script_runs_in_a_fresh_process():
     assert result.stdout.endswith(SEED_TABLE)
 
 
-@pytest.mark.parametrize("options", [["--config", "shakespeare-cpu"],
-                                     ["--config", "seed", "--norm-first", "true", "--d-model", "48"]])
+@pytest.mark.parametrize("options", [
+    ["--config", "shakespeare-cpu"],
+    ["--config", "seed", "--norm-first", "true", "--d-model", "48"],
+])
 def test_summary_total_is_the_models_parameter_count(capsys, options):
     assert main(["summary", *options]) == 0
     lines = capsys.readouterr().out.splitlines()
