@@ -123,6 +123,7 @@ USAGE_ERRORS = [  # argparse's own: usage, then "tinygpt COMMAND: error: ..."
     (["generate", "--device", "gpu"], 2, r"argument --device: invalid choice: 'gpu'"),
     (["generate", "--max-new", "3"], 2, r"unrecognized arguments: --max-new 3"),  # no prefixes
     (["tokenizer", "train", "--out", "x.json"], 2, r"required: --vocab-size"),
+    (["generate", "--compile", "nosuch"], 2, r"unknown torch.compile backend 'nosuch'"),
 ]
 
 

@@ -85,9 +85,20 @@ def add_seed(parser: argparse.ArgumentParser) -> None:
                              f"(default: {default})")
 
 
+def compile_backend(name: str) -> str:
+    """A torch.compile backend that this torch knows, checked before any model is loaded."""
+    import torch
+
+    known = torch.compiler.list_backends(exclude_tags=())
+    if name not in known:
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {name!r}; this torch has {', '.join(known)}")
+    return name
+
+
 def add_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const=DEFAULT_COMPILE_BACKEND, default=None,
-                        metavar="BACKEND",
+                        type=compile_backend, metavar="BACKEND",
                         help="run the model under torch.compile with BACKEND (bare --compile: "
                              f"{DEFAULT_COMPILE_BACKEND}); the first steps pay a one-off compile")
 
