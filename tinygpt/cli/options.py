@@ -2,7 +2,18 @@
 the functions that turn a group's parsed values into what the library takes.
 
 A flag means the same thing, takes the same values and has the same default in every command
-that has it; tests/test_cli.py reads the parsers to hold every command to that.
+that has it; tests/test_cli.py reads the parsers to hold every command to that. The conventions:
+
+- `--checkpoint PATH`: a run directory (its newest checkpoint) or one checkpoint directory;
+  without it, the newest run under `--runs-dir` (default `runs`).
+- `--device auto|cpu|cuda`, default `auto` (CUDA when present).
+- `--seed N` seeds every random draw a command makes (training batches, sampling, LoRA
+  batches), default the training loop's: the same command line gives the same result.
+- `--compile [BACKEND]`: run the model under torch.compile (bare flag: inductor); absent: eager.
+- `--max-new-tokens N` (500) and `--temperature T` (1.0, the model's own distribution).
+- `--corpus NAME|PATH` (default shakespeare), with `--data-dir`, `--tinyshakespeare`, `--url`.
+- `--config PRESET` (default shakespeare-cpu) with one `--FIELD` per ModelConfig field.
+- `--steps`, `--batch-size`, `--lr`: the training loop's defaults, in train and finetune alike.
 """
 
 from __future__ import annotations
