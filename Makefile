@@ -45,9 +45,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 # `make train`: the default corpus, the shakespeare-cpu preset, about five minutes on two cores,
-# a checkpoint in runs/, then a 500-character sample. TRAIN_ARGS adds any `tinygpt train` option.
+# a checkpoint in runs/, then a 500-character sample of the newest run (`make sample` alone draws
+# one). TRAIN_ARGS adds any `tinygpt train` option, SAMPLE_ARGS any `tinygpt generate` option.
 TRAIN_STEPS ?= 4000
 TRAIN_ARGS  ?=
+SAMPLE_ARGS ?= --max-new-tokens 500 --temperature 0.8
 
 data: $(STAMP)
 	$(VENV)/bin/tinygpt prepare --corpus shakespeare
@@ -55,10 +57,10 @@ data: $(STAMP)
 train: data
 	$(VENV)/bin/tinygpt train --corpus shakespeare --config shakespeare-cpu --steps $(TRAIN_STEPS) \
 		--eval-every 250 $(TRAIN_ARGS)
-	$(VENV)/bin/tinygpt sample --tokens 500
+	$(VENV)/bin/tinygpt generate $(SAMPLE_ARGS)
 
 sample: $(STAMP)
-	$(VENV)/bin/tinygpt sample --tokens 500
+	$(VENV)/bin/tinygpt generate $(SAMPLE_ARGS)
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/train_recipe.py

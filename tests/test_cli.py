@@ -1,90 +1,282 @@
-"""`tinygpt summary`: the seed's parameter table, and bad options as one line with exit code 2."""
+"""The command line as a whole: one meaning, one default per flag in every command; bad input as
+one line on stderr with exit code 2 (a traceback only under --debug or TINYGPT_DEBUG); command
+modules that never import one another; the program entry point."""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import os
+import re
 import subprocess
 import sys
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
+import torch
 
+import tinygpt.cli as cli
 from tinygpt import ModelConfig, TinyDecoderModel
-from tinygpt.cli import main
+from tinygpt.checkpoint import save_checkpoint
+from tinygpt.cli import build_parser, main
+from tinygpt.tokenizer import CharTokenizer
 
-SEED_TABLE = """\
-module              parameters
-positional               1,024
-embedding                1,280
-blocks.0.attention       4,224
-blocks.0.norm1              64
-blocks.0.mlp             4,192
-blocks.0.norm2              64
-blocks.1.attention       4,224
-blocks.1.norm1              64
-blocks.1.mlp             4,192
-blocks.1.norm2              64
-lm_head                  1,320
-total                   20,712
-"""
+CLI_DIR = Path(cli.__file__).parent
+TEXT = 40 * "ROMEO:\nabc de fg\n"
 
 
-def test_summary_of_the_seed_prints_the_seeds_table(capsys):
-    assert main(["summary", "--config", "seed"]) == 0
-    out = capsys.readouterr().out
-    config_line, table = out.split("\n", 1)
-    assert config_line == f"config seed: {ModelConfig.preset('seed')}"
-    assert table == SEED_TABLE
+def command_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict:
+    """{"tokenizer train": parser, ...}: every command reachable from `parser`, aliases included."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                below = command_parsers(child, (*path, name))
+                found.update(below or {" ".join((*path, name)): child})
+    return found
 
 
-def test_summary_console_script_runs_in_a_fresh_process():
-    result = subprocess.run([sys.executable, "-m", "tinygpt", "summary", "--config", "seed"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.endswith(SEED_TABLE)
+def flag_conflicts(parsers: dict) -> list[str]:
+    """Every flag that takes different values, or has a different default where it is optional,
+    in two commands."""
+    actions = defaultdict(dict)
+    for command, parser in parsers.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                actions[flag][command] = action
+    problems = []
+    for flag, by_command in sorted(actions.items()):
+        shapes = {command: (type(a).__name__, a.type, a.choices and tuple(a.choices), a.nargs,
+                            a.const) for command, a in by_command.items()}
+        defaults = {command: repr(a.default) for command, a in by_command.items() if not a.required}
+        if len(set(shapes.values())) > 1:
+            problems.append(f"{flag} takes different values: {shapes}")
+        if len(set(defaults.values())) > 1:
+            problems.append(f"{flag} has different defaults: {defaults}")
+    return problems
 
 
-@pytest.mark.parametrize("options", [["--config", "shakespeare-cpu"],
-                                     ["--config", "seed", "--norm-first", "true", "--d-model", "48"]])
-def test_summary_total_is_the_models_parameter_count(capsys, options):
-    assert main(["summary", *options]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    config = ModelConfig.preset(options[1], **(
-        {"norm_first": True, "d_model": 48} if len(options) > 2 else {}))
-    total = sum(p.numel() for p in TinyDecoderModel(config).parameters())
-    assert lines[-1].split() == ["total", f"{total:,}"]
-    assert sum(int(line.split()[1].replace(",", "")) for line in lines[2:-1]) == total
-    assert ("final_norm" in "".join(lines)) == config.norm_first
+def test_every_flag_has_one_meaning_and_one_default_in_every_command():
+    parsers = command_parsers(build_parser())
+    assert flag_conflicts(parsers) == []
+    # The check has something to hold: the shared groups really are shared.
+    shared = defaultdict(set)
+    for parser in parsers.values():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                shared[flag].add(id(parser))
+    for flag in ("--checkpoint", "--runs-dir", "--device", "--seed", "--compile", "--corpus",
+                 "--config", "--steps", "--lr", "--out"):
+        assert len(shared[flag]) >= 2, flag
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--n-heads", "5"], "d_model (32) must be divisible by n_heads (5)."),
-    (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5."),
-    (["--activation", "tanh"], "activation must be one of relu, gelu, gelu_tanh, got 'tanh'."),
-    (["--vocab-size", "0"], "vocab_size must be a positive integer, got 0."),
-])
-def test_summary_bad_config_is_one_line_with_exit_code_2(capsys, options, message):
-    assert main(["summary", *options]) == 2
-    captured = capsys.readouterr()
-    assert captured.err == f"tinygpt: error: {message}\n"
-    assert captured.out == ""
+def test_the_flag_check_catches_a_disagreeing_default_or_choice_order():
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers()
+    one, two = commands.add_parser("one"), commands.add_parser("two")
+    one.add_argument("--seed", type=int, default=0)
+    two.add_argument("--seed", type=int, default=1337)
+    one.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    two.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    problems = flag_conflicts(command_parsers(parser))
+    assert [p.split()[0] for p in problems] == ["--device", "--seed"], problems
 
 
-def test_summary_bad_config_in_a_fresh_process_has_no_traceback():
-    result = subprocess.run([sys.executable, "-m", "tinygpt", "summary", "--n-heads", "3"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr == "tinygpt: error: d_model (32) must be divisible by n_heads (3).\n"
+# --- bad input: one line and exit code 2, a traceback only when asked for -------------------------
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """{tmp}: a scratch directory; {run}: a tiny run with one checkpoint; corpus.txt, empty.txt."""
+    tmp = tmp_path_factory.mktemp("cli")
+    tokenizer = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    model = TinyDecoderModel(ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8))
+    save_checkpoint(tmp / "runs" / "tiny", model=model, tokenizer=tokenizer, step=1)
+    (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
+    (tmp / "empty.txt").write_text("", encoding="utf-8")
+    return {"tmp": str(tmp), "run": str(tmp / "runs" / "tiny")}
 
 
-def test_summary_unknown_preset_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(["summary", "--config", "huge"])
-    assert exit_.value.code == 2
-    assert "invalid choice: 'huge'" in capsys.readouterr().err
+# command line -> exit code -> the last line on stderr (after "tinygpt: error: " for our errors)
+BAD_INPUT = [
+    (["summary", "--config", "seed", "--n-heads", "5"], 2,
+     r"d_model \(32\) must be divisible by n_heads \(5\)\.$"),
+    (["prepare", "--corpus", "{tmp}/nope.txt"], 2, r"nope\.txt' is neither a file nor one of"),
+    (["tokenizer", "train", "--corpus", "{tmp}/empty.txt", "--vocab-size", "300",
+      "--out", "{tmp}/bpe.json"], 2, r"empty\.txt' is empty\.$"),
+    (["train", "--corpus", "{tmp}/empty.txt", "--data-dir", "{tmp}/cache",
+      "--runs-dir", "{tmp}/runs"], 2, r"empty\.txt' is empty\.$"),
+    (["train", "--corpus", "{tmp}/corpus.txt", "--compile", "aot_eager"], 2,
+     r"training compiles with the inductor backend only, got --compile aot_eager\.$"),
+    (["generate", "--runs-dir", "{tmp}/no-runs"], 2, r"no run with a checkpoint under"),
+    (["sample", "--run", "{tmp}/nope"], 2, r"nope' does not exist\.$"),
+    (["generate", "--checkpoint", "{run}", "--temperature", "-1"], 2,
+     r"temperature must be a finite number"),
+    (["heads", "--checkpoint", "{run}", "--corpus", "{tmp}/corpus.txt", "--val-fraction", "0"], 2,
+     r"val_fraction must be in \(0, 1\], got 0\.0\.$"),
+    (["inspect", "--checkpoint", "{run}", "--prompt", "RO"], 2, r"give --out FILE\.png"),
+    (["finetune", "--checkpoint", "{run}", "--corpus", "{tmp}/corpus.txt",
+      "--lora-targets", "qkv"], 2, r"unknown LoRA target 'qkv'"),
+]
+USAGE_ERRORS = [  # argparse's own: usage, then "tinygpt COMMAND: error: ..."
+    (["generate", "--device", "gpu"], 2, r"argument --device: invalid choice: 'gpu'"),
+    (["generate", "--max-new", "3"], 2, r"unrecognized arguments: --max-new 3"),  # no prefixes
+    (["tokenizer", "train", "--out", "x.json"], 2, r"required: --vocab-size"),
+    (["generate", "--compile", "nosuch"], 2, r"unknown torch.compile backend 'nosuch'"),
+]
 
+
+def invoke(capsys, argv, paths):
+    argv = [part.format(**paths) for part in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, code, pattern", BAD_INPUT, ids=[a[0] for a, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line_with_its_exit_code(capsys, monkeypatch, paths, argv, code, pattern):
+    monkeypatch.delenv("TINYGPT_DEBUG", raising=False)
+    got, out, err = invoke(capsys, argv, paths)
+    assert (got, out) == (code, "")
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("tinygpt: error: ") and re.search(pattern, err.rstrip("\n")), err
+
+
+@pytest.mark.parametrize("argv, code, pattern", USAGE_ERRORS,
+                         ids=[a[0] for a, _, _ in USAGE_ERRORS])
+def test_usage_errors_are_argparses_with_exit_code_2(capsys, paths, argv, code, pattern):
+    got, out, err = invoke(capsys, argv, paths)
+    assert (got, out) == (code, "")
+    assert re.search(pattern, err.splitlines()[-1]) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("how", ["--debug", "TINYGPT_DEBUG=1"])
+@pytest.mark.parametrize("argv, code, pattern", BAD_INPUT, ids=[a[0] for a, _, _ in BAD_INPUT])
+def test_debug_shows_the_traceback_and_keeps_the_line(capsys, monkeypatch, paths, how, argv,
+                                                      code, pattern):
+    if how == "--debug":
+        monkeypatch.delenv("TINYGPT_DEBUG", raising=False)
+        argv = ["--debug", *argv]
+    else:
+        monkeypatch.setenv("TINYGPT_DEBUG", "1")
+    got, out, err = invoke(capsys, argv, paths)
+    assert (got, out) == (code, "")
+    last = err.rstrip("\n").splitlines()[-1]
+    assert err.startswith("Traceback (most recent call last):"), err
+    assert last.startswith("tinygpt: error: ") and re.search(pattern, last), err
+
+
+@pytest.mark.parametrize("value", ["", "0"])
+def test_debug_variable_off_values_show_no_traceback(capsys, monkeypatch, paths, value):
+    monkeypatch.setenv("TINYGPT_DEBUG", value)
+    got, _, err = invoke(capsys, BAD_INPUT[0][0], paths)
+    assert got == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_variable_in_a_fresh_process_shows_the_traceback(tmp_path):
+    command = [sys.executable, "-m", "tinygpt", "summary", "--config", "seed", "--n-heads", "3"]
+    env = {**os.environ, "TINYGPT_DEBUG": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2
+    assert done.stderr.startswith("Traceback (most recent call last):")
+    assert done.stderr.splitlines()[-1] == (
+        "tinygpt: error: d_model (32) must be divisible by n_heads (3).")
+
+
+def test_an_unexpected_error_is_a_bug_and_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(cli.summary, "handle", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["summary"])
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.summary, "handle", interrupted)
+    assert main(["summary"]) == 130
+    assert capsys.readouterr().err == "tinygpt: interrupted\n"
+
+
+# --- the shape of the package -------------------------------------------------------------------
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module an import statement of `path` names, relative imports resolved against
+    tinygpt.cli, and `from package import name` counted as `package.name` too."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(["tinygpt", "cli"][:3 - node.level] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _command_modules() -> set[str]:
+    return {f"tinygpt.cli.{p.stem}" for p in CLI_DIR.glob("*.py")} - {
+        "tinygpt.cli.__init__", "tinygpt.cli.options"}
+
+
+def test_no_module_of_the_cli_imports_a_command_module():
+    commands = _command_modules()
+    assert len(commands) >= 8
+    for path in sorted(CLI_DIR.glob("*.py")):
+        if path.stem != "__init__":
+            assert not _imported_modules(path) & commands, path.name
+
+
+def test_the_import_check_sees_absolute_and_relative_imports(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from tinygpt.cli import options, generate\nfrom .heads import handle\n"
+                       "import tinygpt.cli.train\n")
+    assert _imported_modules(planted) & _command_modules() == {
+        "tinygpt.cli.generate", "tinygpt.cli.heads", "tinygpt.cli.train"}
+
+
+def test_every_command_module_is_listed_and_handles_the_commands_it_registers():
+    assert {module.__name__ for module in cli.COMMANDS} == _command_modules()
+    for command, parser in command_parsers(build_parser()).items():
+        handler = parser.get_default("func")
+        owner = "generate" if command == "sample" else command.split()[0]
+        assert handler.__module__ == f"tinygpt.cli.{owner}", command
+
+
+# --- old spellings and the unified defaults -------------------------------------------------------
+
+def test_sample_and_the_old_flag_spellings_reach_generate(capsys, paths):
+    new = ["generate", "--checkpoint", paths["run"], "--prompt", "RO", "--max-new-tokens", "12"]
+    old = ["sample", "--run", paths["run"], "--prompt", "RO", "--tokens", "12"]
+    assert main(new) == 0
+    expected = capsys.readouterr().out
+    assert main(old) == 0
+    assert capsys.readouterr().out == expected
+    assert len(expected) == len("RO") + 12 + 1
+
+
+def test_generate_is_reproducible_by_default_and_the_seed_changes_it(capsys, paths):
+    argv = ["generate", "--checkpoint", paths["run"], "--max-new-tokens", "30"]
+    texts = []
+    for extra in ([], [], ["--seed", "1"]):
+        assert main([*argv, *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2]
+
+
+# --- the program entry point --------------------------------------------------------------------
 
 def test_the_program_keeps_freed_memory_and_main_alone_does_not(monkeypatch, capsys):
-    import tinygpt.cli as cli
-
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept") or True)
     assert cli.main(["summary", "--config", "seed"]) == 0

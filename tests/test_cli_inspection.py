@@ -39,7 +39,8 @@ def test_heads_prints_every_heads_ablation_loss_rise_and_kind(run, capsys):
     assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus),
                  "--device", "cpu", "--windows", "4", "--val-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\s+(\d)\s+(\d)\s+([+-]\d\.\d{4})\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out, re.M)
+    rows = re.findall(r"^\s+(\d)\s+(\d)\s+([+-]\d\.\d{4})\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out,
+                      re.M)
     assert len(rows) == 8
     # The numbers are the library's on the same windows.
     ckpt = load_checkpoint(run_dir)
@@ -48,7 +49,7 @@ def test_heads_prints_every_heads_ablation_loss_rise_and_kind(run, capsys):
     base, rise = head_importance(ckpt.model, idx, targets)
     scores = classify_heads(ckpt.model, idx)
     assert f"validation loss {base:.4f} on 4 windows of 32 tokens (step 7)" in out
-    for (layer, head, shown, prev, first, itself, kind), s in zip(rows, scores):
+    for (layer, head, shown, prev, _first, _itself, kind), s in zip(rows, scores):
         assert float(shown) == pytest.approx(rise[int(layer), int(head)].item(), abs=1e-4)
         assert float(prev) == pytest.approx(s.previous_token, abs=1e-3)
         assert kind == s.kind
@@ -73,8 +74,10 @@ def test_inspect_and_heads_report_bad_input_in_one_line(run, tmp_path, capsys):
     assert main(["inspect", "--checkpoint", str(tmp_path / "nope"), "--prompt", "hi",
                  "--out", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tinygpt: error: ") and "does not exist" in err and len(err.splitlines()) == 1
-    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(tmp_path / "none.txt")]) == 2
+    assert err.startswith("tinygpt: error: ") and "does not exist" in err
+    assert len(err.splitlines()) == 1
+    assert main(["heads", "--checkpoint", str(run_dir),
+                 "--corpus", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err
 
 
@@ -102,7 +105,8 @@ def test_finetune_saves_adapters_beside_the_base_and_leaves_it_untouched(run, tm
     assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus), "--windows", "2",
                  "--lora", str(adapters)]) == 0
     with_lora = capsys.readouterr().out
-    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus), "--windows", "2"]) == 0
+    assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus),
+                 "--windows", "2"]) == 0
     assert capsys.readouterr().out.splitlines()[0] != with_lora.splitlines()[0]
 
 

@@ -1,5 +1,5 @@
-"""`tinygpt prepare | tokenizer train | train | sample`: the happy paths, and every bad input of
-issue 3 ending in one line on stderr, exit code 2 and no traceback."""
+"""`tinygpt prepare | tokenizer train | train | generate`: the happy paths, and every bad input
+ending in one line on stderr, exit code 2 and no traceback."""
 
 import hashlib
 import json
@@ -57,13 +57,15 @@ def run(trained, tmp_path):
     return tmp_path
 
 
-def test_train_writes_run_and_sample_reads_it(run, capsys):
+def test_train_writes_run_and_generate_reads_it(run, capsys):
     run_dir = run / "runs" / "r"
     assert load_checkpoint(run_dir).step == 4
     assert (run_dir / "loss_curve.png").exists()
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3, 4]
     capsys.readouterr()
-    assert main(["sample", "--runs-dir", str(run / "runs"), "--tokens", "20", "--prompt", "a"]) == 0
+    assert main(["generate", "--runs-dir", str(run / "runs"), "--max-new-tokens", "20",
+                 "--prompt", "a"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("a") and len(out.rstrip("\n")) == 21
     assert set(out.rstrip("\n")) <= set(TEXT) | {"\n", "\N{REPLACEMENT CHARACTER}"}
@@ -78,7 +80,8 @@ def test_bpe_tokenizer_train_then_train_with_it(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("To be, or not to be, that is the question. " * 60)
     out = tmp_path / "bpe.json"
-    assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 0
+    assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "300",
+                 "--out", str(out)]) == 0
     assert main(_train_args(tmp_path, corpus, "--steps", "2", "--tokenizer", str(out))) == 0
     ckpt = load_checkpoint(tmp_path / "runs" / "r")
     assert ckpt.tokenizer.kind == "bpe"
@@ -96,7 +99,8 @@ def test_prepare_reports_a_path_corpus(tmp_path, capsys):
 # --- bad input -------------------------------------------------------------------------------
 
 def test_missing_corpus(tmp_path, capsys):
-    _fails(_train_args(tmp_path, tmp_path / "nope.txt"), capsys, "nope.txt' is neither a file nor one of")
+    _fails(_train_args(tmp_path, tmp_path / "nope.txt"), capsys,
+           "nope.txt' is neither a file nor one of")
 
 
 def test_empty_corpus(tmp_path, capsys):
@@ -159,7 +163,7 @@ def test_new_run_over_existing_one(run, capsys):
 @pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
 def test_checkpoint_with_file_missing(run, capsys, name):
     (run / "runs" / "r" / "ckpt-00000004" / name).unlink()
-    _fails(["sample", "--runs-dir", str(run / "runs")], capsys, f"is missing {name}")
+    _fails(["generate", "--runs-dir", str(run / "runs")], capsys, f"is missing {name}")
 
 
 def test_checkpoint_with_file_altered(run, capsys):
@@ -167,7 +171,8 @@ def test_checkpoint_with_file_altered(run, capsys):
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    _fails(["sample", "--run", str(run / "runs" / "r")], capsys, "model.safetensors' was altered")
+    _fails(["generate", "--checkpoint", str(run / "runs" / "r")], capsys,
+           "model.safetensors' was altered")
 
 
 def test_checkpoint_with_malicious_pickle(run, capsys):
@@ -185,8 +190,8 @@ def test_checkpoint_with_malicious_pickle(run, capsys):
     assert not marker.exists()
 
 
-def test_sample_without_runs(tmp_path, capsys):
-    _fails(["sample", "--runs-dir", str(tmp_path)], capsys, "no run with a checkpoint")
+def test_generate_without_runs(tmp_path, capsys):
+    _fails(["generate", "--runs-dir", str(tmp_path)], capsys, "no run with a checkpoint")
 
 
 def test_non_finite_loss(run, capsys):
@@ -198,7 +203,8 @@ def test_non_finite_loss(run, capsys):
 
 def test_bad_input_has_no_traceback_end_to_end(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    done = subprocess.run([sys.executable, "-m", "tinygpt", *_train_args(tmp_path, tmp_path / "empty.txt")],
-                          capture_output=True, text=True)
+    command = [sys.executable, "-m", "tinygpt", *_train_args(tmp_path, tmp_path / "empty.txt")]
+    done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [f"tinygpt: error: corpus file '{tmp_path / 'empty.txt'}' is empty."]
+    assert done.stderr.splitlines() == [
+        f"tinygpt: error: corpus file '{tmp_path / 'empty.txt'}' is empty."]

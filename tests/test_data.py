@@ -215,3 +215,36 @@ def test_synthetic_corpora_have_known_best_loss():
     assert best == pytest.approx(math.log(4)) and len(set(text)) == 4
     with pytest.raises(CorpusError, match="unknown synthetic corpus 'zipf'"):
         synthetic_text("zipf", 10)
+
+
+# --- the token cache and the held-out tail ---------------------------------------------------
+
+def test_cached_tokens_encode_once_per_tokenizer_and_follow_an_edited_corpus(tmp_path):
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("to be or not to be " * 20, encoding="utf-8")
+    chars = CharTokenizer.from_text(corpus.read_text(encoding="utf-8"))
+    tokens = data.cached_tokens(corpus, chars, tmp_path / "cache")
+    ids = chars.encode(corpus.read_text(encoding="utf-8"))
+    cut = int(len(ids) * 0.9)
+    assert tokens.train.tolist() == ids[:cut] and tokens.val.tolist() == ids[cut:]
+    where = data.token_cache_dir(corpus, chars, tmp_path / "cache")
+    assert where.parent == tmp_path / "cache" / "tokens" and where.name.startswith("plays-")
+    written = (where / "train.bin").stat().st_mtime_ns
+    data.cached_tokens(corpus, chars, tmp_path / "cache")
+    assert (where / "train.bin").stat().st_mtime_ns == written  # reused, not re-encoded
+    other = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    assert data.token_cache_dir(corpus, other, tmp_path / "cache") != where
+    corpus.write_text("be not to or " * 20, encoding="utf-8")
+    edited = data.cached_tokens(corpus, chars, tmp_path / "cache")
+    assert edited.train.tolist() == chars.encode("be not to or " * 20)[:len(edited.train)]
+
+
+def test_held_out_tokens_are_the_tail_and_at_least_one_window():
+    ids = list(range(100))
+    assert data.held_out_tokens(ids, 0.1, at_least=5) == list(range(90, 100))
+    assert data.held_out_tokens(ids, 0.1, at_least=33) == list(range(67, 100))
+    assert data.held_out_tokens(ids, 1.0, at_least=5) == ids
+    assert data.held_out_tokens(ids[:20], 0.1, at_least=33) == ids[:20]  # all there is
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"val_fraction must be in \\(0, 1\\], got {bad}"):
+            data.held_out_tokens(ids, bad, at_least=5)

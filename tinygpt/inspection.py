@@ -200,3 +200,12 @@ def eval_windows(ids: list[int] | Tensor, max_seq: int, n_windows: int) -> tuple
     starts = torch.linspace(0, available - 1, min(n_windows, available)).round().long() * max_seq
     rows = torch.stack([ids[s:s + max_seq + 1] for s in starts.tolist()])
     return rows[:, :-1], rows[:, 1:]
+
+
+def loss_ends(losses: list[float], parts: int = 10) -> tuple[float, float, int]:
+    """Mean loss over the first and over the last `1/parts` of a run's steps, and the number of
+    steps k each mean covers (at least one): one batch's loss is noisy, a tenth of a run is not."""
+    if not losses:
+        raise ValueError("there are no losses to average.")
+    k = max(1, len(losses) // parts)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k, k

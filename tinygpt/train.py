@@ -28,6 +28,7 @@ from tinygpt.checkpoint import (
 )
 from tinygpt.config import ModelConfig
 from tinygpt.data import TokenData
+from tinygpt.devices import pick_device
 from tinygpt.model import TinyDecoderModel, gpt2_init, next_token_loss
 from tinygpt.tokenizer import Tokenizer
 
@@ -85,15 +86,6 @@ class TrainResult:
     checkpoint: Path | None
     val_loss: float | None
     interrupted: bool = False
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available.")
-    return torch.device(name)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:

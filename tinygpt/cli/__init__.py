@@ -1,0 +1,80 @@
+"""The `tinygpt` command line: a thin map from commands to library calls.
+
+One module per command registers its parser beside its handler; the option groups that several
+commands share live in `tinygpt.cli.options`, defined once. The library raises exceptions with one
+clear sentence; this package alone turns them into one line on stderr and exit code 2 (with the
+full traceback under `--debug` or TINYGPT_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from tinygpt.allocator import keep_freed_memory
+from tinygpt.cli import finetune, generate, heads, inspect, prepare, summary, tokenizer, train
+
+COMMANDS = (summary, prepare, tokenizer, train, generate, heads, inspect, finetune)
+DEBUG_VARIABLE = "TINYGPT_DEBUG"
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises: ValueError (the project's CorpusError, CheckpointError and
+    TokenizerError among them), OSError, and a loss gone non-finite. Anything else is a bug and
+    keeps its traceback."""
+    from tinygpt.train import NonFiniteLossError
+
+    return (ValueError, OSError, NonFiniteLossError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: `--debug` and one subcommand per module of `COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="tinygpt", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_VARIABLE}=1)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(commands)
+    for each in _parsers(parser):
+        each.allow_abbrev = False  # a flag has one spelling: no prefixes that a new flag breaks
+    return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every subcommand parser below it."""
+    found = [parser]
+    for action in parser._actions:  # argparse offers no public way to reach the subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.extend(_parsers(child))
+    return found
+
+
+def _debugging(args: argparse.Namespace) -> bool:
+    return args.debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (0, 2 for bad input, 130 when interrupted)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except expected_errors() as error:
+        if _debugging(args):
+            traceback.print_exception(error, file=sys.stderr)
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"tinygpt: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tinygpt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run() -> None:
+    """The `tinygpt` program. It owns its process, so it keeps freed memory (see
+    `tinygpt.allocator`); `main`, which tests also call in-process, leaves the process alone."""
+    keep_freed_memory()
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`tinygpt inspect`: draw every head's attention on a prompt, as a PNG grid or an HTML page."""
+
+from __future__ import annotations
+
+import argparse
+
+from tinygpt.cli import options
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("inspect", help="draw every head's attention on a prompt")
+    options.add_checkpoint(parser)
+    options.add_lora_merge(parser)
+    parser.add_argument("--prompt", required=True, help="text whose attention is drawn")
+    parser.add_argument("--out", default=None, help="PNG grid of heatmaps, layers by heads")
+    parser.add_argument("--html", default=None, help="self-contained interactive HTML page")
+    parser.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinygpt.pictures import attention_patterns, plot_attention_grid, save_attention_html
+
+    if args.out is None and args.html is None:
+        raise ValueError("give --out FILE.png, --html FILE.html or both.")
+    if not args.prompt:
+        raise ValueError("the prompt is empty.")
+    run, ckpt = options.load_selected_checkpoint(args)
+    ids = ckpt.tokenizer.encode(args.prompt)[-ckpt.config.max_seq:]
+    if not ids:
+        raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens.")
+    idx = torch.tensor([ids], device=next(ckpt.model.parameters()).device)
+    patterns = attention_patterns(ckpt.model, idx)
+    tokens = [ckpt.tokenizer.decode([i]) for i in ids]
+    title = f"{run} (step {ckpt.step}): {args.prompt[:60]!r}"
+    if args.out is not None:
+        print(f"wrote {plot_attention_grid(patterns, tokens, args.out, title=title)}")
+    if args.html is not None:
+        print(f"wrote {save_attention_html(patterns, tokens, args.html, title=title)}")

@@ -1,0 +1,193 @@
+"""The option groups that several commands share, each defined once with its one default, and
+the functions that turn a group's parsed values into what the library takes.
+
+A flag means the same thing, takes the same values and has the same default in every command
+that has it; tests/test_cli.py reads the parsers to hold every command to that. The conventions:
+
+- `--checkpoint PATH`: a run directory (its newest checkpoint) or one checkpoint directory;
+  without it, the newest run under `--runs-dir` (default `runs`).
+- `--device auto|cpu|cuda`, default `auto` (CUDA when present).
+- `--seed N` seeds every random draw a command makes (training batches, sampling, LoRA
+  batches), default the training loop's: the same command line gives the same result.
+- `--compile [BACKEND]`: run the model under torch.compile (bare flag: inductor); absent: eager.
+- `--max-new-tokens N` (500) and `--temperature T` (1.0, the model's own distribution).
+- `--corpus NAME|PATH` (default shakespeare), with `--data-dir`, `--tinyshakespeare`, `--url`.
+- `--config PRESET` (default shakespeare-cpu) with one `--FIELD` per ModelConfig field.
+- `--steps`, `--batch-size`, `--lr`: the training loop's defaults, in train and finetune alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from tinygpt.config import PRESETS, ModelConfig
+from tinygpt.train import TrainConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_PRESET = "shakespeare-cpu"
+DEFAULT_COMPILE_BACKEND = "inductor"
+
+
+def _train_default(name: str):
+    """A TrainConfig default, so a shared flag and the library agree without restating it."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+# --- where runs live and which checkpoint to load ---------------------------------------------
+
+def add_runs_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", default="runs",
+                        help="where runs live, one directory each (default: runs)")
+
+
+def add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """`--checkpoint` (old spelling `--run`, hidden), `--runs-dir` and `--device`."""
+    group = parser.add_argument_group("checkpoint")
+    group.add_argument("--checkpoint", default=None, metavar="PATH",
+                       help="a run directory (its newest checkpoint) or one checkpoint directory "
+                            "(default: the newest run under --runs-dir)")
+    group.add_argument("--run", dest="checkpoint", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+    add_runs_dir(group)
+    add_device(group)
+
+
+def add_lora_merge(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", default=None, metavar="DIR",
+                        help="merge these adapters (from tinygpt finetune) into the model first")
+
+
+def load_selected_checkpoint(args: argparse.Namespace):
+    """The checkpoint that `add_checkpoint`'s options (and `--lora`, where present) select, on the
+    chosen device: `(run or checkpoint path, Checkpoint)`."""
+    from tinygpt.checkpoint import latest_run, load_checkpoint
+    from tinygpt.devices import pick_device
+
+    path = Path(args.checkpoint) if args.checkpoint is not None else latest_run(args.runs_dir)
+    checkpoint = load_checkpoint(path, device=pick_device(args.device))
+    if getattr(args, "lora", None) is not None:
+        from tinygpt.lora import load_lora, merge_lora
+
+        checkpoint.model = merge_lora(load_lora(checkpoint.model, args.lora))
+    return path, checkpoint
+
+
+# --- device, seed, compile ----------------------------------------------------------------------
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto picks CUDA when present, else the CPU (default: auto)")
+
+
+def add_seed(parser: argparse.ArgumentParser) -> None:
+    default = _train_default("seed")
+    parser.add_argument("--seed", type=int, default=default,
+                        help=f"seeds every random draw: same seed, same result "
+                             f"(default: {default})")
+
+
+def compile_backend(name: str) -> str:
+    """A torch.compile backend that this torch knows, checked before any model is loaded."""
+    import torch
+
+    known = torch.compiler.list_backends(exclude_tags=())
+    if name not in known:
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {name!r}; this torch has {', '.join(known)}")
+    return name
+
+
+def add_compile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compile", nargs="?", const=DEFAULT_COMPILE_BACKEND, default=None,
+                        type=compile_backend, metavar="BACKEND",
+                        help="run the model under torch.compile with BACKEND (bare --compile: "
+                             f"{DEFAULT_COMPILE_BACKEND}); the first steps pay a one-off compile")
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def add_sampling(parser: argparse.ArgumentParser) -> None:
+    """How many tokens to draw and from what distribution (old `--tokens` kept, hidden)."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=500,
+                       help="tokens to generate after the prompt (default: 500)")
+    group.add_argument("--tokens", dest="max_new_tokens", type=int, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+    group.add_argument("--temperature", type=float, default=1.0,
+                       help="divides the logits; 0 is greedy (default: 1.0, the model's own "
+                            "distribution)")
+    group.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+    group.add_argument("--top-p", type=float, default=None,
+                       help="keep the smallest set of most likely tokens reaching probability p")
+    add_seed(group)
+
+
+# --- corpus -------------------------------------------------------------------------------------
+
+def add_corpus(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("corpus")
+    group.add_argument("--corpus", default="shakespeare",
+                       help="shakespeare, tinyshakespeare, or the path of a UTF-8 text file "
+                            "(default: shakespeare)")
+    group.add_argument("--data-dir", default="data/cache",
+                       help="where fetched corpora and token files are cached "
+                            "(default: data/cache)")
+    group.add_argument("--tinyshakespeare", default=None, metavar="PATH",
+                       help="a local copy of tinyshakespeare's input.txt")
+    group.add_argument("--url", default=None, help="where to download tinyshakespeare from")
+
+
+def corpus_file(args: argparse.Namespace) -> Path:
+    """The local file of `add_corpus`'s `--corpus` (a named corpus is fetched once)."""
+    from tinygpt import data
+
+    return data.corpus_path(args.corpus, args.data_dir, tinyshakespeare=args.tinyshakespeare,
+                            url=args.url or data.TINYSHAKESPEARE_URL)
+
+
+# --- model config -------------------------------------------------------------------------------
+
+def add_model_config(parser: argparse.ArgumentParser) -> None:
+    """`--config PRESET` plus one `--FIELD` option for every ModelConfig field."""
+    group = parser.add_argument_group("model config")
+    group.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                       help=f"named preset (default: {DEFAULT_PRESET})")
+    for field in dataclasses.fields(ModelConfig):
+        kind = {int: int, float: float, bool: parse_bool}.get(type(field.default), str)
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"cfg_{field.name}",
+                           type=kind, default=None, metavar=field.name.upper(),
+                           help=f"override the preset's {field.name}")
+
+
+def config_from_args(args: argparse.Namespace, **fixed) -> ModelConfig:
+    """The preset with every `--FIELD` given on the command line (and `fixed`) replaced."""
+    overrides = {
+        name[len("cfg_"):]: value
+        for name, value in vars(args).items()
+        if name.startswith("cfg_") and value is not None
+    }
+    return ModelConfig.preset(args.config, **{**overrides, **fixed})
+
+
+# --- optimisation -------------------------------------------------------------------------------
+
+def add_optimizer(parser: argparse.ArgumentParser) -> None:
+    """Steps, batch and learning rate, with the training loop's defaults, and `--seed`."""
+    group = parser.add_argument_group("optimisation")
+    for name, kind, help_ in (("steps", int, "optimizer steps"),
+                              ("batch_size", int, "windows per step"),
+                              ("lr", float, "AdamW's (peak) learning rate")):
+        default = _train_default(name)
+        group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
+                           help=f"{help_} (default: {default})")
+    add_seed(group)

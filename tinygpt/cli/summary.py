@@ -1,0 +1,26 @@
+"""`tinygpt summary`: the per-module parameter table of a model config."""
+
+from __future__ import annotations
+
+import argparse
+
+from tinygpt.cli import options
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("summary", help="print the per-module parameter table")
+    options.add_model_config(parser)
+    parser.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    from tinygpt.model import TinyDecoderModel, parameter_table
+
+    config = options.config_from_args(args)
+    rows = parameter_table(TinyDecoderModel(config))
+    width = max(len(name) for name, _ in rows)
+    print(f"config {args.config}: {config}")
+    print(f"{'module':<{width}}  {'parameters':>10}")
+    for name, count in rows:
+        print(f"{name:<{width}}  {count:>10,}")
+    print(f"{'total':<{width}}  {sum(c for _, c in rows):>10,}")

@@ -1,0 +1,79 @@
+"""`tinygpt train`: train (or resume) a run, alone or under `torchrun` for data parallelism."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+from tinygpt.cli import options
+
+
+def register(commands) -> None:
+    from tinygpt.train import INITS, TrainConfig
+
+    parser = commands.add_parser("train", help="train a model (torchrun -m tinygpt train for DDP)")
+    options.add_corpus(parser)
+    parser.add_argument("--tokenizer", default="char",
+                        help="'char' (built from the corpus) or a tokenizer JSON file")
+    options.add_runs_dir(parser)
+    parser.add_argument("--name", default=None, help="run name (default: PRESET-TIMESTAMP)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run's newest checkpoint")
+    options.add_model_config(parser)
+    options.add_optimizer(parser)
+    options.add_device(parser)
+    options.add_compile(parser)
+    group = parser.add_argument_group("training loop")
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, field.name)
+        flag = f"--{field.name.replace('_', '-')}"
+        try:
+            if field.name == "init":
+                group.add_argument(flag, default=default, choices=INITS,
+                                   help=f"weight initialisation (default: {default})")
+            else:
+                group.add_argument(flag, type=type(default), default=default,
+                                   help=f"(default: {default})")
+        except argparse.ArgumentError:
+            pass  # a shared option group above already defines this flag
+    parser.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> None:
+    from tinygpt.data import cached_tokens, read_text
+    from tinygpt.devices import pick_device
+    from tinygpt.distributed import main_process_first, process_group
+    from tinygpt.tokenizer import CharTokenizer, load_tokenizer
+    from tinygpt.train import TrainConfig, train
+
+    if args.compile not in (None, options.DEFAULT_COMPILE_BACKEND):
+        raise ValueError(f"training compiles with the {options.DEFAULT_COMPILE_BACKEND} backend "
+                         f"only, got --compile {args.compile}.")
+    corpus = options.corpus_file(args)
+    tokenizer = (CharTokenizer.from_text(read_text(corpus)) if args.tokenizer == "char"
+                 else load_tokenizer(args.tokenizer))
+    if args.cfg_vocab_size not in (None, tokenizer.vocab_size):
+        raise ValueError(f"--vocab-size {args.cfg_vocab_size} does not match the tokenizer's "
+                         f"vocab_size {tokenizer.vocab_size}.")
+    model_config = options.config_from_args(args, vocab_size=tokenizer.vocab_size)
+    train_config = TrainConfig(**{
+        field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
+    } | {"compile": args.compile is not None})
+    run_dir = Path(args.runs_dir) / (args.name or f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    with process_group(world_size, pick_device(args.device)) as rank:
+        data = main_process_first(lambda: cached_tokens(corpus, tokenizer, args.data_dir))
+        result = train(run_dir, data, tokenizer, model_config, train_config,
+                       resume=args.resume, progress=rank == 0)
+    if rank != 0:
+        return  # rank 0 reports for the whole group
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"step {result.step}{val}; checkpoint {result.checkpoint}; "
+          f"loss curve {run_dir / 'loss_curve.png'}")
+    if result.interrupted:
+        raise KeyboardInterrupt
+
