@@ -1,13 +1,14 @@
-"""The run's results as a markdown table (stdout, bench.md) and a PNG plot (bench.png)."""
+"""The run's results as a markdown table (stdout, bench.md) and a PNG plot (bench.png).
+
+The plot is a matplotlib `Figure` saved to a file, never drawn through `pyplot`: importing this
+module or plotting must not switch the caller's backend or leave figures in pyplot's list.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -111,7 +112,8 @@ def markdown_report(results: dict) -> str:
 def plot_results(results: dict, path: Path) -> None:
     """Three panels: fwd+bwd ratio to MHA per size, then sweep time and peak memory vs context."""
     names = results["implementations"]
-    figure, (ratios, times, memory) = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure = Figure(figsize=(16, 4.8))
+    ratios, times, memory = figure.subplots(1, 3)
     fwd_bwd = [r for r in results["attention"]
                if r["pass"] == "forward+backward" and r["device"] == "cpu"]
     sizes = list(dict.fromkeys(r["name"] for r in fwd_bwd))
@@ -153,4 +155,3 @@ def plot_results(results: dict, path: Path) -> None:
                     + (" (--quick)" if results["quick"] else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
