@@ -6,9 +6,10 @@ training settings), `state.pt` (optimizer and RNG state, read with `torch.load(w
 and, written last, `manifest.json` with the sha256 of every other file.
 
 A checkpoint is built in a hidden temporary directory beside the others, fsynced, then renamed into
-place in one atomic step; older checkpoints are renamed away before being deleted. So at any
-instant a `ckpt-*` directory is complete, and a file missing or altered afterwards is caught by the
-manifest.
+place in one atomic step (`write_checkpoint`); older checkpoints are renamed away before being
+deleted (`prune_checkpoints`). So at any instant a `ckpt-*` directory is complete, and a file
+missing or altered afterwards is caught by the manifest. `tinygpt.rundir.RunDir` is the trainer's
+view of a whole run directory.
 """
 
 from __future__ import annotations

@@ -149,6 +149,7 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
     trainer = _Trainer.build(run, data, tokenizer, model_config, config)
     # Restore: a resumed run continues from its newest checkpoint (weights, optimizer, RNGs).
     step = trainer.restore(run.resume_from(resume))
+    # Place: model and optimizer state on the device, the model wrapped for DDP or compiled.
     trainer.move_to_device()
     last_step = config.steps if until is None else min(until, config.steps)
     val_loss, interrupted = None, False
