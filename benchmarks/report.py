@@ -1,13 +1,14 @@
-"""The run's results as a markdown table (stdout, bench.md) and a PNG plot (bench.png)."""
+"""The run's results as a markdown table (stdout, bench.md) and a PNG plot (bench.png).
+
+The plot is a matplotlib `Figure` saved to a file, never drawn through `pyplot`: importing this
+module or plotting must not switch the caller's backend or leave figures in pyplot's list.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -32,7 +33,19 @@ def _groups(rows: list[dict]) -> list[tuple[str, str]]:
 def markdown_report(results: dict) -> str:
     """Every table of the run. Ratios are medians over the nn.MultiheadAttention median of the
     same group in the same run: below 1 is faster than the reference."""
-    machine, names = results["machine"], results["implementations"]
+    out = _preamble(results)
+    out += _attention_tables(results)
+    out += _target_table(results)
+    out += _sweep_tables(results)
+    out += _model_tables(results)
+    out += _generation_table(results)
+    out += ["", f"Run took {results['elapsed_s']:.0f} s.", ""]
+    return "\n".join(out)
+
+
+def _preamble(results: dict) -> list[str]:
+    """Title, machine, compile options, how to read the tables, and the matmul roofs."""
+    machine = results["machine"]
     out = ["# TinyGPT benchmark" + (" (--quick: tiny sizes, timings meaningless)"
                                     if results["quick"] else ""), ""]
     out.append(f"CPU: {machine['cpu']} ({machine['cpu_capability']}), torch threads: "
@@ -51,6 +64,11 @@ def markdown_report(results: dict) -> str:
     for roof in results["matmul"]:
         out.append(f"\nDense matmul roof, {roof['device']} {roof['dtype']}: "
                    f"{roof['flops_per_s'] / 1e9:.1f} GFLOP/s (torch.mm, n={roof['n']}).")
+    return out
+
+
+def _attention_tables(results: dict) -> list[str]:
+    names, out = results["implementations"], []
     for device, dtype in _groups(results["attention"]):
         out += ["", f"## Attention, {device} {dtype}", ""]
         rows = [r for r in results["attention"] if (r["device"], r["dtype"]) == (device, dtype)]
@@ -62,13 +80,23 @@ def markdown_report(results: dict) -> str:
               _ratio(r["ratio_vs_mha"], r["ratio_q1"], r["ratio_q3"]),
               f"{r['flops_per_s'] / 1e9:.2f}",
               f"{100 * r['fraction_of_matmul']:.1f}"] for r in rows]))
-    if results["targets"]:
-        out += ["", "## Targets (float32, forward+backward, paired ratios from this run)", ""]
-        out.append(_table(
-            ["target", "device", "size", "ratio [quartiles]", "limit", "met"],
-            [[t["text"], t["device"], t["name"], _ratio(t["ratio"], t["ratio_q1"], t["ratio_q3"]),
-              f"{t['limit']:.2f}",
-              "yes" if t["met"] else "**no**"] for t in results["targets"]]))
+    return out
+
+
+def _target_table(results: dict) -> list[str]:
+    if not results["targets"]:
+        return []
+    out = ["", "## Targets (float32, forward+backward, paired ratios from this run)", ""]
+    out.append(_table(
+        ["target", "device", "size", "ratio [quartiles]", "limit", "met"],
+        [[t["text"], t["device"], t["name"], _ratio(t["ratio"], t["ratio_q1"], t["ratio_q3"]),
+          f"{t['limit']:.2f}",
+          "yes" if t["met"] else "**no**"] for t in results["targets"]]))
+    return out
+
+
+def _sweep_tables(results: dict) -> list[str]:
+    names, out = results["implementations"], []
     for device, dtype in _groups(results["sweep"]):
         rows = [r for r in results["sweep"] if (r["device"], r["dtype"]) == (device, dtype)]
         impls = list(dict.fromkeys(r["impl"] for r in rows))
@@ -87,6 +115,11 @@ def markdown_report(results: dict) -> str:
             [[str(c)] + [_ms(by_impl[i]["median_s"]) for i in impls]
              + [f"{by_impl[i]['peak_bytes'] / 2**20:.1f}" for i in impls]
              for c, by_impl in by_context.items()]))
+    return out
+
+
+def _model_tables(results: dict) -> list[str]:
+    names, out = results["implementations"], []
     for device, dtype in _groups(results["model"]):
         rows = [r for r in results["model"] if (r["device"], r["dtype"]) == (device, dtype)]
         out += ["", f"## Training step of the whole model, {device} {dtype} "
@@ -97,21 +130,26 @@ def markdown_report(results: dict) -> str:
               _ms(r["iqr_s"]), f"{r['tokens_per_s']:,.0f}",
               _ratio(r["ratio_vs_mha"], r["ratio_q1"], r["ratio_q3"])]
              for r in rows]))
-    if results["generation"]:
-        out += ["", "## Generation (greedy, batch 1, hand-written attention)", ""]
-        out.append(_table(
-            ["device", "model", "prompt + new tokens", "KV cache", "median ms", "tokens/s"],
-            [[r["device"], r["config"], f"{r['prompt']} + {r['new_tokens']}",
-              "yes" if r["use_cache"] else "no", _ms(r["median_s"]), f"{r['tokens_per_s']:,.0f}"]
-             for r in results["generation"]]))
-    out += ["", f"Run took {results['elapsed_s']:.0f} s.", ""]
-    return "\n".join(out)
+    return out
+
+
+def _generation_table(results: dict) -> list[str]:
+    if not results["generation"]:
+        return []
+    out = ["", "## Generation (greedy, batch 1, hand-written attention)", ""]
+    out.append(_table(
+        ["device", "model", "prompt + new tokens", "KV cache", "median ms", "tokens/s"],
+        [[r["device"], r["config"], f"{r['prompt']} + {r['new_tokens']}",
+          "yes" if r["use_cache"] else "no", _ms(r["median_s"]), f"{r['tokens_per_s']:,.0f}"]
+         for r in results["generation"]]))
+    return out
 
 
 def plot_results(results: dict, path: Path) -> None:
     """Three panels: fwd+bwd ratio to MHA per size, then sweep time and peak memory vs context."""
     names = results["implementations"]
-    figure, (ratios, times, memory) = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure = Figure(figsize=(16, 4.8))
+    ratios, times, memory = figure.subplots(1, 3)
     fwd_bwd = [r for r in results["attention"]
                if r["pass"] == "forward+backward" and r["device"] == "cpu"]
     sizes = list(dict.fromkeys(r["name"] for r in fwd_bwd))
@@ -153,4 +191,3 @@ def plot_results(results: dict, path: Path) -> None:
                     + (" (--quick)" if results["quick"] else ""))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

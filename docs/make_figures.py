@@ -14,21 +14,18 @@ import os
 import time
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from tinygpt import ModelConfig, TinyDecoderModel, next_token_loss  # noqa: E402
-from tinygpt.inspection import (  # noqa: E402
+from tinygpt import ModelConfig, TinyDecoderModel, next_token_loss
+from tinygpt.inspection import (
     classify_heads,
     eval_windows,
     head_importance,
     run_with_cache,
 )
-from tinygpt.pictures import attention_patterns, display_token, plot_attention_grid  # noqa: E402
-from tinygpt.tokenizer import CharTokenizer  # noqa: E402
+from tinygpt.pictures import attention_patterns, display_token, plot_attention_grid
+from tinygpt.tokenizer import CharTokenizer
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "ROMEO:\nBut soft, what light"
@@ -67,7 +64,8 @@ def step_figure(model, tokenizer, path: Path, layer: int, head: int) -> None:
     _, cache = run_with_cache(model, torch.tensor([ids]),
                               [prefix + n for n in ("scores", "masked_scores", "pattern")])
     labels = [display_token(tokenizer.decode([i])) for i in ids]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
+    fig = Figure(figsize=(12, 4.4), layout="constrained")
+    axes = fig.subplots(1, 3)
     for ax, name, title in zip(axes, ("scores", "masked_scores", "pattern"),
                                ("scores q·kᵀ/√d", "+ causal mask (−inf above the diagonal)",
                                 "softmax: attention weights")):
@@ -79,7 +77,6 @@ def step_figure(model, tokenizer, path: Path, layer: int, head: int) -> None:
         ax.set_yticks(range(len(ids)), labels, fontsize=7)
         fig.colorbar(image, ax=ax, shrink=0.7)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -105,7 +102,8 @@ def main() -> None:
     else:
         if not args.corpus:
             parser.error("give --corpus FILE (or set TINYGPT_TINYSHAKESPEARE) or --checkpoint RUN")
-        model, tokenizer, held_out = train(Path(args.corpus).read_text(encoding="utf-8"), args.steps)
+        text = Path(args.corpus).read_text(encoding="utf-8")
+        model, tokenizer, held_out = train(text, args.steps)
         if args.save_run:
             from tinygpt.checkpoint import save_checkpoint
 

@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, atomic layout, tamper and malicious-pickle refusal, latest run."""
+"""Checkpoints: round trip, atomic layout, a write cut at every file operation, tamper and
+malicious-pickle refusal, latest run."""
 
 import json
 import os
@@ -30,7 +31,8 @@ def _model(seed=0):
 
 
 def _save(run_dir, step=5, model=None, **kwargs):
-    return save_checkpoint(run_dir, model=model or _model(), tokenizer=TOKENIZER, step=step, **kwargs)
+    return save_checkpoint(run_dir, model=model or _model(), tokenizer=TOKENIZER, step=step,
+                           **kwargs)
 
 
 def test_roundtrip_weights_tokenizer_config_step(tmp_path):
@@ -49,7 +51,8 @@ def test_roundtrip_weights_tokenizer_config_step(tmp_path):
     assert torch.equal(state["rng"], rng)
     opt2 = torch.optim.AdamW(ckpt.model.parameters())
     opt2.load_state_dict(state["optimizer"])
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"],
+                       opt.state_dict()["state"][0]["exp_avg"])
 
 
 def test_only_newest_kept_and_no_temporaries_left(tmp_path):
@@ -84,7 +87,8 @@ def test_missing_file_is_named(tmp_path, name):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json", "meta.json"])
+@pytest.mark.parametrize("name",
+                         ["model.safetensors", "config.json", "tokenizer.json", "meta.json"])
 def test_altered_file_is_caught(tmp_path, name):
     path = _save(tmp_path)
     data = bytearray((path / name).read_bytes())
@@ -158,3 +162,70 @@ def test_latest_run_is_newest_written(tmp_path):
     assert latest_run(tmp_path) == tmp_path / "b"
     os.utime(b, ns=(0, 0))
     assert latest_run(tmp_path) == tmp_path / "a"
+
+
+class _Crash(Exception):
+    """Raised by the probe in place of a file operation: the writer dies there."""
+
+
+def _save_cut_at(run, cut, model, monkeypatch):
+    """Save `model` as checkpoint 2 of `run` with its `cut`-th file operation raising `_Crash`.
+
+    Before every operation the probe loads each `ckpt-*` directory, as a reader would find them
+    if the writer were killed there. Returns the operations called (the cut one last; None if
+    the save finished first) and the problems the probe found.
+    """
+    import tinygpt.checkpoint as module
+
+    calls, broken = [], []
+
+    def probe(name, operation):
+        def probed(*args, **kwargs):
+            calls.append(name)
+            for path in checkpoint_dirs(run):
+                try:
+                    load_checkpoint(path)
+                except CheckpointError as error:
+                    broken.append(f"before {name} (operation {len(calls)}): {error}")
+            if len(calls) == cut:
+                raise _Crash(name)
+            return operation(*args, **kwargs)
+        return probed
+
+    with monkeypatch.context() as patch:
+        for name in ("save_file", "_write_json", "_fsync_file", "_fsync_dir"):
+            patch.setattr(module, name, probe(name, getattr(module, name)))
+        patch.setattr(torch, "save", probe("torch.save", torch.save))
+        patch.setattr(os, "rename", probe("os.rename", os.rename))
+        try:
+            _save(run, step=2, model=model)
+        except _Crash:
+            return calls, broken
+    return None, broken
+
+
+def test_a_write_cut_at_any_file_operation_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    """Cut the write of checkpoint 2 at each of its file operations in turn, beside a saved
+    checkpoint 1: no `ckpt-*` directory is ever incomplete, and afterwards the run loads
+    checkpoint 1 unchanged, or checkpoint 2 whole once its rename has happened."""
+    old, new = _model(0), _model(1)
+    cut_names = []
+    for cut in range(1, 100):
+        run = tmp_path / f"cut-{cut}"
+        _save(run, step=1, model=old)
+        calls, broken = _save_cut_at(run, cut, new, monkeypatch)
+        assert not broken, broken
+        if calls is None:
+            break
+        cut_names.append(calls[-1])
+        loaded = load_checkpoint(run)
+        expected = {1: old, 2: new}[loaded.step]
+        assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(),
+                                                     expected.state_dict().values()))
+        if "os.rename" not in calls[:-1]:  # cut before the rename into place
+            assert [p.name for p in checkpoint_dirs(run)] == ["ckpt-00000001"]
+    # Every kind of operation was cut, the manifest (the last JSON) before the rename.
+    assert calls is None and {"save_file", "torch.save", "_fsync_file", "_write_json",
+                              "_fsync_dir", "os.rename"} <= set(cut_names)
+    manifest = max(i for i, name in enumerate(cut_names) if name == "_write_json")
+    assert manifest < cut_names.index("os.rename")

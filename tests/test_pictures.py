@@ -1,8 +1,11 @@
-"""Heatmap grid and the self-contained HTML explorer (the browser test is in test_pictures_browser)."""
+"""Heatmap grid, loss curve and the self-contained HTML explorer (the browser test is in
+test_pictures_browser), and that no picture function touches matplotlib's global state."""
 
+import importlib
 import json
 import re
 
+import matplotlib
 import matplotlib.image
 import pytest
 import torch
@@ -13,6 +16,7 @@ from tinygpt.pictures import (
     attention_patterns,
     display_token,
     plot_attention_grid,
+    plot_loss_curve,
 )
 
 
@@ -71,3 +75,55 @@ def test_long_prompts_get_sparser_labels_not_a_giant_figure(tmp_path):
     long = plot_attention_grid(patterns, ["x"] * t, tmp_path / "long.png")
     short_width = matplotlib.image.imread(short).shape[1]
     assert matplotlib.image.imread(long).shape[1] <= 1.2 * short_width
+
+
+def test_loss_curve_png_from_metrics_records(tmp_path):
+    records = [{"step": s, "train_loss": 3.0 / s, "lr": 1e-3} for s in range(1, 21)]
+    records[9]["val_loss"] = records[19]["val_loss"] = 0.5
+    image = matplotlib.image.imread(plot_loss_curve(records, tmp_path / "loss.png"))
+    assert image.shape[:2] == (350, 600)  # 6 x 3.5 inches at 100 dpi
+    assert image[..., :3].std() > 0.05
+
+
+def _bench_results():
+    """The smallest results dict `benchmarks.report.plot_results` draws: one size, two
+    implementations, a two-point context sweep."""
+    attention = [{"name": "tiny", "pass": "forward+backward", "device": "cpu", "impl": impl,
+                  "ratio_vs_mha": ratio, "ratio_q1": ratio - 0.1, "ratio_q3": ratio + 0.1}
+                 for impl, ratio in (("mha", 1.0), ("hand", 0.9))]
+    sweep = [{"device": "cpu", "dtype": "float32", "impl": "hand", "context": context,
+              "median_s": 1e-3 * context, "peak_bytes": 2**20 * context} for context in (64, 128)]
+    return {"implementations": {"mha": "nn.MultiheadAttention", "hand": "hand-written"},
+            "attention": attention, "sweep": sweep, "quick": True,
+            "machine": {"cpu": "test cpu", "threads": 1, "torch": torch.__version__}}
+
+
+@pytest.fixture
+def users_matplotlib():
+    """A caller's matplotlib, as in a notebook: a backend of their choice (svg here, which is not
+    the Agg a careless library would switch to) and a figure of their own open in pyplot."""
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    figure = plt.figure()
+    yield plt, figure
+    plt.close(figure)
+    matplotlib.use(before)
+
+
+def test_pictures_leave_matplotlib_global_state_alone(tmp_path, users_matplotlib):
+    """Importing and calling every picture function keeps the caller's backend, pyplot's figure
+    list and current figure: they draw on a `Figure` of their own and never go through pyplot."""
+    plt, figure = users_matplotlib
+    import benchmarks.report
+
+    importlib.reload(benchmarks.report)  # its import-time effects count too
+    patterns = torch.ones(1, 2, 4, 4).tril() / torch.arange(1, 5).view(4, 1)
+    plot_attention_grid(patterns, list("abcd"), tmp_path / "grid.png")
+    plot_loss_curve([{"step": 1, "train_loss": 2.0, "val_loss": 2.1}], tmp_path / "loss.png")
+    benchmarks.report.plot_results(_bench_results(), tmp_path / "bench.png")
+    assert matplotlib.get_backend() == "svg"
+    assert plt.get_fignums() == [figure.number] and plt.gcf() is figure
+    assert all((tmp_path / name).stat().st_size > 1000 for name in ("grid.png", "loss.png",
+                                                                    "bench.png"))

@@ -63,10 +63,12 @@ def test_gpt2_init_scales_residual_projections():
     gpt2_init(model)
     params = dict(model.named_parameters())
     assert params["blocks.0.attention.in_proj.weight"].std().item() == pytest.approx(0.02, rel=0.05)
-    assert params["blocks.1.mlp.fc_out.weight"].std().item() == pytest.approx(0.01, rel=0.05)  # 0.02/sqrt(4)
-    assert params["blocks.1.attention.out_proj.weight"].std().item() == pytest.approx(0.01, rel=0.05)
+    shrunk = pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(2 n_layers)
+    assert params["blocks.1.mlp.fc_out.weight"].std().item() == shrunk
+    assert params["blocks.1.attention.out_proj.weight"].std().item() == shrunk
     assert all(not p.any() for n, p in params.items() if n.endswith("bias"))
-    assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items() if "norm" in n and n.endswith("weight"))
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items()
+               if "norm" in n and n.endswith("weight"))
 
 
 def test_learns_a_corpus_with_known_best_loss(tmp_path):
@@ -80,10 +82,12 @@ def test_learns_a_corpus_with_known_best_loss(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    """200 steps straight == 100 steps, then resume for 100 more (dropout on, so RNG state counts)."""
+    """200 steps straight == 100 steps, then resume for 100 more (dropout on, so RNG state
+    counts)."""
     straight = train(tmp_path / "a", DATA, TOKENIZER, MODEL, TRAIN)
     first = train(tmp_path / "b", DATA, TOKENIZER, MODEL, TRAIN, until=100)
-    assert first.step == 100 and [p.name for p in checkpoint_dirs(tmp_path / "b")] == ["ckpt-00000100"]
+    assert first.step == 100
+    assert [p.name for p in checkpoint_dirs(tmp_path / "b")] == ["ckpt-00000100"]
     resumed = train(tmp_path / "b", DATA, TOKENIZER, MODEL, TRAIN, resume=True)
     assert straight.step == resumed.step == 200
     a, b = load_checkpoint(tmp_path / "a").model, load_checkpoint(tmp_path / "b").model
@@ -92,6 +96,19 @@ def test_resume_is_bit_identical(tmp_path):
     assert straight.val_loss == resumed.val_loss
     assert [r["train_loss"] for r in _metrics(tmp_path / "a")] == \
         [r["train_loss"] for r in _metrics(tmp_path / "b")]
+
+
+def test_resume_relogs_the_steps_after_its_checkpoint(tmp_path):
+    """Steps logged after the last checkpoint by a run that then died (the last line cut short)
+    are replaced on resume, not duplicated: the metrics equal those of a run never stopped."""
+    straight = train(tmp_path / "a", DATA, TOKENIZER, MODEL, TRAIN, until=8)
+    train(tmp_path / "b", DATA, TOKENIZER, MODEL, TRAIN, until=5)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train_loss": 9.0}\n{"step": 7, "train_loss": 9.0}\n{"step": 8, "tr')
+    resumed = train(tmp_path / "b", DATA, TOKENIZER, MODEL, TRAIN, resume=True, until=8)
+    assert straight.step == resumed.step == 8
+    assert [(r["step"], r["train_loss"]) for r in _metrics(tmp_path / "b")] == \
+        [(r["step"], r["train_loss"]) for r in _metrics(tmp_path / "a")]
 
 
 def test_resume_refuses_other_config_or_tokenizer(tmp_path):
@@ -122,7 +139,8 @@ def test_grad_accum_matches_full_batch(tmp_path):
     train(tmp_path / "full", DATA, TOKENIZER, model, config)
     train(tmp_path / "accum", DATA, TOKENIZER, model, replace(config, grad_accum=2))
     torch.testing.assert_close([r["train_loss"] for r in _metrics(tmp_path / "accum")],
-                               [r["train_loss"] for r in _metrics(tmp_path / "full")], rtol=0, atol=1e-5)
+                               [r["train_loss"] for r in _metrics(tmp_path / "full")],
+                               rtol=0, atol=1e-5)
 
 
 # --- real processes: Ctrl-C, SIGKILL, torchrun ----------------------------------------------
@@ -156,8 +174,9 @@ def test_sigkill_at_random_instants_leaves_a_loadable_checkpoint(tmp_path):
     steps_seen = []
     for attempt in range(3):
         resume = ["--resume"] if attempt else []
-        process = subprocess.Popen(_cli(tmp_path, "--steps", "100000", "--save-every", "1", *resume),
-                                   env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        command = _cli(tmp_path, "--steps", "100000", "--save-every", "1", *resume)
+        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
         start = steps_seen[-1] if steps_seen else 0
         _wait_for(lambda: checkpoint_dirs(run) and load_checkpoint(run).step > start, process)
         time.sleep(rng.uniform(0.0, 0.4))
@@ -177,7 +196,8 @@ def test_sigkill_at_random_instants_leaves_a_loadable_checkpoint(tmp_path):
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "runs" / "r"
     process = subprocess.Popen(_cli(tmp_path, "--steps", "100000", "--save-every", "100000"),
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     _wait_for(lambda: (run / "metrics.jsonl").exists(), process)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=60)

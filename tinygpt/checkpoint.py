@@ -6,9 +6,10 @@ training settings), `state.pt` (optimizer and RNG state, read with `torch.load(w
 and, written last, `manifest.json` with the sha256 of every other file.
 
 A checkpoint is built in a hidden temporary directory beside the others, fsynced, then renamed into
-place in one atomic step; older checkpoints are renamed away before being deleted. So at any
-instant a `ckpt-*` directory is complete, and a file missing or altered afterwards is caught by the
-manifest.
+place in one atomic step (`write_checkpoint`); older checkpoints are renamed away before being
+deleted (`prune_checkpoints`). So at any instant a `ckpt-*` directory is complete, and a file
+missing or altered afterwards is caught by the manifest. `tinygpt.rundir.RunDir` is the trainer's
+view of a whole run directory.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tinygpt.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
 FORMAT_VERSION = 1
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 _FILES = ("model.safetensors", "config.json", "tokenizer.json", "meta.json", "state.pt")
+_TMP_PREFIX = ".tmp-ckpt-"  # checkpoints being written, or renamed away to be deleted
 
 
 class CheckpointError(ValueError):
@@ -59,17 +61,33 @@ def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := _CKPT.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
 def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, tokenizer: Tokenizer,
                     step: int, state: dict[str, Any] | None = None,
                     meta: dict[str, Any] | None = None, keep: int = 1) -> Path:
-    """Write `run_dir/ckpt-STEP/` atomically and keep only the newest `keep` checkpoints.
+    """Write `run_dir/ckpt-STEP/` atomically, then keep only the newest `keep` checkpoints.
 
     `state` (optimizer, RNG, ...) may hold only tensors and plain Python containers, so that it
     loads with `weights_only=True`. Returns the checkpoint's directory.
+    """
+    final = write_checkpoint(run_dir, model=model, tokenizer=tokenizer, step=step, state=state,
+                             meta=meta)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def write_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, tokenizer: Tokenizer,
+                     step: int, state: dict[str, Any] | None = None,
+                     meta: dict[str, Any] | None = None) -> Path:
+    """Write `run_dir/ckpt-STEP/` so that it appears complete or not at all, and return it.
+
+    Every file goes into a hidden temporary directory and is fsynced; the manifest (the sha256 of
+    every other file) is written last; one rename then puts the directory in place. A process
+    killed at any instant leaves either no `ckpt-STEP` or a complete one.
     """
     config: ModelConfig = model.config
     if tokenizer.vocab_size != config.vocab_size:
@@ -82,7 +100,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, tokenizer: 
     final = run_dir / f"ckpt-{step:08d}"
     if final.exists():  # a step is saved once (e.g. Ctrl-C right after a periodic save)
         return final
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=".tmp-ckpt-"))
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=_TMP_PREFIX))
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": str(FORMAT_VERSION)})
@@ -99,11 +117,22 @@ def save_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, tokenizer: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints, and what a writer killed mid-write left.
+
+    Each old checkpoint is renamed away before it is deleted, so no half-deleted `ckpt-*`
+    directory is ever visible to a reader.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive integer, got {keep!r}.")
+    run_dir = Path(run_dir)
     for old in checkpoint_dirs(run_dir)[:-keep]:
         _discard(old)
-    for leftover in run_dir.glob(".tmp-ckpt-*"):  # from a process killed mid-write
+    for leftover in run_dir.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(leftover, ignore_errors=True)
-    return final
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -186,7 +215,8 @@ def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 def latest_run(runs_dir: str | os.PathLike = "runs") -> Path:
     """The run directory whose newest checkpoint was written last."""
     runs_dir = Path(runs_dir)
-    runs = [(found[-1].stat().st_mtime_ns, run) for run in (runs_dir.iterdir() if runs_dir.is_dir() else [])
+    candidates = runs_dir.iterdir() if runs_dir.is_dir() else []
+    runs = [(found[-1].stat().st_mtime_ns, run) for run in candidates
             if run.is_dir() and (found := checkpoint_dirs(run))]
     if not runs:
         raise CheckpointError(f"no run with a checkpoint under {str(runs_dir)!r}; train one first.")
@@ -219,7 +249,9 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is not valid JSON: {error}.") from None
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is not valid JSON: {error}."
+        ) from None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -252,6 +284,6 @@ def _fsync_dir(path: Path) -> None:
 
 def _discard(path: Path) -> None:
     """Rename away first (atomic), so no half-deleted `ckpt-*` directory is ever visible."""
-    trash = path.with_name(f".tmp-ckpt-trash-{path.name}-{os.getpid()}")
+    trash = path.with_name(f"{_TMP_PREFIX}trash-{path.name}-{os.getpid()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)

@@ -1,14 +1,21 @@
-"""Pictures of attention: a matplotlib grid of heatmaps and a self-contained interactive HTML page.
+"""Pictures: attention as a grid of heatmaps or a self-contained interactive HTML page, and a
+training run's loss curve.
 
-Both take the attention weights of one prompt as a tensor `(l h i j)` (layers, heads, query, key;
-see `attention_patterns`) and the prompt's tokens as display strings.
+The attention pictures take the weights of one prompt as a tensor `(l h i j)` (layers, heads,
+query, key; see `attention_patterns`) and the prompt's tokens as display strings.
+
+Figures are drawn through matplotlib's object API (a `Figure` saved to a file), never through
+`pyplot`: a library function must not switch the caller's backend (in a notebook, say) or leave
+figures in pyplot's global list.
 """
 
 from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,10 +52,7 @@ def _check(patterns: Tensor, tokens: list[str]) -> None:
 def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
                         title: str | None = None) -> Path:
     """Save a layers-by-heads grid of heatmaps (query down, key across) to `path` (PNG, SVG...)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     _check(patterns, tokens)
     n_layers, n_heads, t, _ = patterns.shape
@@ -58,8 +62,8 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     every = -(-t // 64)
     ticks = range(0, t, every)
     cell = max(2.2, 0.11 * len(ticks))
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(cell * n_heads + 1, cell * n_layers + 0.6),
-                             squeeze=False, constrained_layout=True)
+    fig = Figure(figsize=(cell * n_heads + 1, cell * n_layers + 0.6), layout="constrained")
+    axes = fig.subplots(n_layers, n_heads, squeeze=False)
     for layer in range(n_layers):
         for head in range(n_heads):
             ax = axes[layer][head]
@@ -73,7 +77,34 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
         fig.suptitle(title, fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return path
+
+
+def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Save train and validation loss against step to `path` (PNG, SVG...).
+
+    `records` are a run's metrics, one dict per step with `step` and `train_loss`, and `val_loss`
+    on the steps where the model was evaluated.
+    """
+    from matplotlib.figure import Figure
+
+    records = list(records)
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    axes = fig.subplots()
+    if train:
+        axes.plot(*zip(*train), label="train", linewidth=0.8, alpha=0.7)
+    if val:
+        axes.plot(*zip(*val), label="validation", marker="o", markersize=3)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats/token)")
+    if train or val:
+        axes.legend()
+    axes.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
     return path
 
 
@@ -84,8 +115,8 @@ def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT at
     _check(patterns, tokens)
     n_layers, n_heads, t, _ = patterns.shape
     # Only the causal lower triangle: row i holds the weights on keys 0..i.
-    rows = [[[[round(w, 6) for w in patterns[l, h, i, :i + 1].tolist()] for i in range(t)]
-             for h in range(n_heads)] for l in range(n_layers)]
+    rows = [[[[round(w, 6) for w in patterns[layer, head, i, :i + 1].tolist()] for i in range(t)]
+             for head in range(n_heads)] for layer in range(n_layers)]
     data = {"tokens": [display_token(tok) for tok in tokens], "patterns": rows}
     # "</" must not appear inside the inline script, whatever the tokens are.
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")

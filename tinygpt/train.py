@@ -1,16 +1,19 @@
 """The training loop: AdamW, warmup + cosine, clipping, periodic evaluation, crash-safe checkpoints
 that resume bit-identically, and data-parallel training through `torch.distributed`.
+
+`train` reads top to bottom as the steps of a run. `_Trainer` holds what those steps share (the
+model, its optimizer, the data and its generator, the device, the process group and the run's
+directory), so each step is a short method instead of a function of ten parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,17 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tinygpt.checkpoint import (
-    CheckpointError,
-    checkpoint_dirs,
-    load_checkpoint,
-    load_state,
-    save_checkpoint,
-)
+from tinygpt.checkpoint import CheckpointError
 from tinygpt.config import ModelConfig
 from tinygpt.data import TokenData
 from tinygpt.devices import pick_device
 from tinygpt.model import TinyDecoderModel, gpt2_init, next_token_loss
+from tinygpt.rundir import RunDir
 from tinygpt.tokenizer import Tokenizer
 
 INITS = ("model", "gpt2")  # the model's own (seed) initialisation, or GPT-2's
@@ -63,14 +61,17 @@ class TrainConfig:
     init: str = "model"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "save_every"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                     "save_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}.")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}.")
+            raise ValueError(
+                f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}."
+            )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -143,8 +144,239 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
     generator and keeps its own slice, so N processes follow the single-process loss curve.
     Only rank 0 writes.
     """
-    run_dir = Path(run_dir)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    run = RunDir(run_dir)
+    # Set up: check the inputs, build model, optimizer and batch generator from the seed.
+    trainer = _Trainer.build(run, data, tokenizer, model_config, config)
+    # Restore: a resumed run continues from its newest checkpoint (weights, optimizer, RNGs).
+    step = trainer.restore(run.resume_from(resume))
+    # Place: model and optimizer state on the device, the model wrapped for DDP or compiled.
+    trainer.move_to_device()
+    last_step = config.steps if until is None else min(until, config.steps)
+    val_loss, interrupted = None, False
+    with _StopFlag() as stop, _progress_bar(progress and trainer.rank == 0, step,
+                                            config.steps) as bar:
+        while step < last_step:
+            started = time.perf_counter()
+            # Accumulate gradients over the micro-batches, at this step's learning rate.
+            lr = trainer.set_lr(step)
+            train_loss = trainer.accumulate_gradients()
+            trainer.check_loss(train_loss, step + 1)  # stop on a non-finite loss
+            # Clip and step: one optimizer update.
+            trainer.clip_and_step()
+            step += 1
+            record = trainer.record(step, train_loss, lr, time.perf_counter() - started)
+            # Evaluate every `eval_every` steps and at the end of the schedule.
+            if step % config.eval_every == 0 or step == config.steps:
+                val_loss = record["val_loss"] = trainer.evaluate()
+            # Log: one metrics line (rank 0) and the progress bar.
+            trainer.log(record)
+            _show(bar, record, val_loss)
+            # Save every `save_every` steps, at the last step, and when a stop was asked for.
+            interrupted = trainer.stop_requested(stop.raised)
+            if step % config.save_every == 0 or step == last_step or interrupted:
+                trainer.save(step, val_loss)
+            if interrupted:
+                break
+    if trainer.rank == 0:
+        run.plot_loss_curve()
+    return TrainResult(step=step, checkpoint=trainer.last_checkpoint, val_loss=val_loss,
+                       interrupted=interrupted)
+
+
+@dataclass
+class _Trainer:
+    """What the steps of one run share. Built on the CPU from the seed; `restore` may then load a
+    checkpoint into it, and `move_to_device` puts it where it trains."""
+
+    run: RunDir
+    config: TrainConfig
+    model_config: ModelConfig
+    data: TokenData
+    tokenizer: Tokenizer
+    rank: int
+    world: int
+    device: torch.device
+    model: TinyDecoderModel
+    optimizer: torch.optim.Optimizer
+    batches: torch.Generator  # draws the training batches; saved and restored with the run
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]  # the same at every evaluation
+    autocast: AbstractContextManager  # bfloat16 on CUDA, nothing on CPU
+    net: nn.Module  # the model as called: maybe wrapped in DDP and compiled
+    last_checkpoint: Path | None = None
+
+    @classmethod
+    def build(cls, run: RunDir, data: TokenData, tokenizer: Tokenizer, model_config: ModelConfig,
+              config: TrainConfig) -> _Trainer:
+        """Check that the inputs fit together, pick this process's device, and build the model,
+        the optimizer and the generators from the seed."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        _check_inputs(data, tokenizer, model_config, config, world)
+        device = _process_device(config.device, rank, world)
+        torch.manual_seed(config.seed)
+        model = TinyDecoderModel(model_config)
+        if config.init == "gpt2":
+            gpt2_init(model)
+        per_rank = config.batch_size // config.grad_accum // world
+        return cls(
+            run=run, config=config, model_config=model_config, data=data, tokenizer=tokenizer,
+            rank=rank, world=world, device=device, model=model, net=model,
+            optimizer=make_optimizer(model, config),
+            batches=torch.Generator().manual_seed(config.seed + 1),
+            val_batches=_fixed_batches(data, config, model_config.max_seq, per_rank, rank, world),
+            autocast=(torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                      else nullcontext()),
+        )
+
+    def restore(self, path: Path | None) -> int:
+        """Load weights, optimizer and RNG state from the checkpoint `path` (refusing one of
+        another config or tokenizer), cut the metrics back to its step, and return that step.
+        With no checkpoint, keep the fresh state and return 0."""
+        if path is None:
+            return 0
+        ckpt, state = self.run.load(path)
+        if ckpt.config != self.model_config:
+            theirs, ours = ckpt.config.to_dict(), self.model_config.to_dict()
+            name = next(k for k in ours if ours[k] != theirs[k])
+            raise CheckpointError(
+                f"cannot resume: the checkpoint has {name}={theirs[name]!r} but this run asks for "
+                f"{name}={ours[name]!r}."
+            )
+        if ckpt.tokenizer.to_dict() != self.tokenizer.to_dict():
+            raise CheckpointError(
+                f"cannot resume: the checkpoint in {str(ckpt.path)!r} was trained with a "
+                f"different tokenizer."
+            )
+        self.model.load_state_dict(ckpt.model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.batches.set_state(state["batch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.rank == 0:
+            self.run.truncate_metrics(ckpt.step)
+        self.last_checkpoint = path
+        return ckpt.step
+
+    def move_to_device(self) -> None:
+        """Move the model and the optimizer's state to the device; wrap the model in DDP across
+        processes and compile it when asked."""
+        self.model.to(self.device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    state[key] = value.to(self.device)
+        if self.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model)
+        if self.config.compile:
+            self.net = torch.compile(self.net)
+
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def accumulate_gradients(self) -> float:
+        """Forward and backward `grad_accum` micro-batches; return the step's mean loss (all ranks).
+
+        Every rank draws the same global micro-batch `(micro t)` and keeps its `micro / world` rows;
+        DDP averages the gradients, so the step equals one process on the whole batch.
+        """
+        self.model.train()
+        accum, world = self.config.grad_accum, self.world
+        micro = self.config.batch_size // accum
+        lo, hi = self.rank * micro // world, (self.rank + 1) * micro // world
+        loss_sum = torch.zeros((), device=self.device)
+        for k in range(accum):
+            x, y = self.data.batch("train", micro, self.model_config.max_seq, self.batches)
+            x = x[lo:hi].to(self.device, non_blocking=True)
+            y = y[lo:hi].to(self.device, non_blocking=True)
+            # DDP all-reduces gradients on every backward unless told not to: only on the last.
+            sync = nullcontext() if world == 1 or k == accum - 1 else self.net.no_sync()
+            with sync, self.autocast:
+                loss = next_token_loss(self.net(x), y) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world
+        return loss_sum.item()
+
+    def check_loss(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss} at step {step}; stopped, keeping the last good checkpoint "
+                f"({self.last_checkpoint or 'no checkpoint yet'}). Try a lower --lr."
+            )
+
+    def clip_and_step(self) -> None:
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def record(self, step: int, train_loss: float, lr: float, seconds: float) -> dict[str, Any]:
+        """The step's line of metrics (the validation loss is added when it is measured)."""
+        tokens = self.config.batch_size * self.model_config.max_seq
+        return {"step": step, "train_loss": train_loss, "lr": lr,
+                "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches (averaged across processes)."""
+        self.net.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val_batches:
+            with self.autocast:
+                total += next_token_loss(self.net(x.to(self.device)), y.to(self.device)).float()
+        total /= len(self.val_batches)
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        self.net.train()
+        return total.item()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.run.append_metrics(record)
+
+    def stop_requested(self, raised: bool) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if self.world == 1:
+            return raised
+        flag = torch.tensor([float(raised)], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def save(self, step: int, val_loss: float | None) -> None:
+        """Checkpoint the finite weights (rank 0 writes; the others wait for it)."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLossError(
+                f"weights became non-finite at step {step}; stopped, keeping the last good "
+                f"checkpoint ({self.last_checkpoint or 'no checkpoint yet'}). Try a lower --lr."
+            )
+        if self.rank == 0:
+            self.last_checkpoint = self.run.save(
+                model=self.model, tokenizer=self.tokenizer, step=step,
+                meta={"train": self.config.to_dict()}, state=self._state(val_loss),
+            )
+        if self.world > 1:
+            dist.barrier()
+
+    def _state(self, val_loss: float | None) -> dict[str, Any]:
+        """What, beside the weights, a resumed run needs to continue bit-identically."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "batch_rng": self.batches.get_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "val_loss": val_loss,
+        }
+
+
+def _check_inputs(data: TokenData, tokenizer: Tokenizer, model_config: ModelConfig,
+                  config: TrainConfig, world: int) -> None:
+    """The batch splits evenly, the tokenizer fits the model, and the data fits its window."""
     micro = config.batch_size // config.grad_accum
     if micro * config.grad_accum != config.batch_size or micro % world:
         raise ValueError(
@@ -157,219 +389,25 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
             f"vocab_size {model_config.vocab_size}."
         )
     data.check_window(model_config.max_seq)
-    device = pick_device(config.device)
+
+
+def _process_device(name: str, rank: int, world: int) -> torch.device:
+    """The device named by `name`; with several processes on CUDA, one GPU per process."""
+    device = pick_device(name)
     if device.type == "cuda" and world > 1:
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
-
-    torch.manual_seed(config.seed)
-    model = TinyDecoderModel(model_config)
-    if config.init == "gpt2":
-        gpt2_init(model)
-    optimizer = make_optimizer(model, config)
-    batches = torch.Generator().manual_seed(config.seed + 1)
-    step = 0
-    if resume and checkpoint_dirs(run_dir):
-        step = _restore(run_dir, model, optimizer, batches, model_config, tokenizer)
-        if rank == 0:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
-    elif checkpoint_dirs(run_dir):
-        raise CheckpointError(
-            f"run directory {str(run_dir)!r} already has checkpoints; pass --resume or a new --name."
-        )
-    model.to(device)
-    _optimizer_to(optimizer, device)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
-    if config.compile:
-        net = torch.compile(net)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-    val_batches = _fixed_batches(data, config, model_config.max_seq, micro // world, rank, world)
-
-    writer = _Writer(run_dir, rank == 0)
-    tokens_per_step = config.batch_size * model_config.max_seq
-    meta = {"train": config.to_dict()}
-    last_ckpt = checkpoint_dirs(run_dir)[-1] if checkpoint_dirs(run_dir) else None
-    val_loss = None
-    interrupted = False
-    last_step = config.steps if until is None else min(until, config.steps)
-    with _StopFlag() as stop, _progress_bar(progress and rank == 0, step, config.steps) as bar:
-        while step < last_step:
-            started = time.perf_counter()
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.train()
-            train_loss = _accumulate_gradients(net, data, batches, micro, model_config.max_seq,
-                                               config.grad_accum, device, autocast, rank, world)
-            if not math.isfinite(train_loss):
-                raise NonFiniteLossError(
-                    f"loss became {train_loss} at step {step + 1}; stopped, keeping the last good "
-                    f"checkpoint ({last_ckpt or 'no checkpoint yet'}). Try a lower --lr."
-                )
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - started
-            record = {"step": step, "train_loss": train_loss, "lr": lr,
-                      "tokens_per_s": tokens_per_step / elapsed, "ms_per_step": 1000 * elapsed}
-            if step % config.eval_every == 0 or step == config.steps:
-                val_loss = _evaluate(net, val_batches, device, autocast, world)
-                record["val_loss"] = val_loss
-            writer.metric(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                            **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-            stop_now = stop.raised
-            if world > 1:
-                flag = torch.tensor([float(stop_now)], device=device)
-                dist.all_reduce(flag)
-                stop_now = bool(flag.item())
-            if step % config.save_every == 0 or step == last_step or stop_now:
-                if not all(torch.isfinite(p).all() for p in model.parameters()):
-                    raise NonFiniteLossError(
-                        f"weights became non-finite at step {step}; stopped, keeping the last good "
-                        f"checkpoint ({last_ckpt or 'no checkpoint yet'}). Try a lower --lr."
-                    )
-                if rank == 0:
-                    last_ckpt = save_checkpoint(
-                        run_dir, model=model, tokenizer=tokenizer, step=step, meta=meta,
-                        state=_state(optimizer, batches, val_loss),
-                    )
-                if world > 1:
-                    dist.barrier()
-            if stop_now:
-                interrupted = True
-                break
-    if rank == 0:
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    return TrainResult(step=step, checkpoint=last_ckpt, val_loss=val_loss, interrupted=interrupted)
-
-
-def _accumulate_gradients(net: nn.Module, data: TokenData, batches: torch.Generator, micro: int,
-                          max_seq: int, grad_accum: int, device: torch.device, autocast,
-                          rank: int, world: int) -> float:
-    """Forward and backward `grad_accum` micro-batches; return the step's mean loss (all ranks).
-
-    Every rank draws the same global micro-batch `(micro t)` and keeps its `micro / world` rows;
-    DDP averages the gradients, so the step equals one process on the whole batch.
-    """
-    loss_sum = torch.zeros((), device=device)
-    lo, hi = rank * micro // world, (rank + 1) * micro // world
-    for k in range(grad_accum):
-        x, y = data.batch("train", micro, max_seq, batches)
-        x, y = x[lo:hi].to(device, non_blocking=True), y[lo:hi].to(device, non_blocking=True)
-        sync = nullcontext() if world == 1 or k == grad_accum - 1 else net.no_sync()
-        with sync, autocast:
-            loss = next_token_loss(net(x), y) / grad_accum
-        loss.backward()
-        loss_sum += loss.detach()
-    if world > 1:
-        dist.all_reduce(loss_sum)
-        loss_sum /= world
-    return loss_sum.item()
-
-
-def _restore(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             batches: torch.Generator, model_config: ModelConfig, tokenizer: Tokenizer) -> int:
-    """Load weights, optimizer and RNG state from the newest checkpoint, refusing a mismatch."""
-    ckpt = load_checkpoint(run_dir)
-    if ckpt.config != model_config:
-        theirs, ours = ckpt.config.to_dict(), model_config.to_dict()
-        name = next(k for k in ours if ours[k] != theirs[k])
-        raise CheckpointError(
-            f"cannot resume: the checkpoint has {name}={theirs[name]!r} but this run asks for "
-            f"{name}={ours[name]!r}."
-        )
-    if ckpt.tokenizer.to_dict() != tokenizer.to_dict():
-        raise CheckpointError(
-            f"cannot resume: the checkpoint in {str(ckpt.path)!r} was trained with a different tokenizer."
-        )
-    state = load_state(ckpt.path)
-    model.load_state_dict(ckpt.model.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    batches.set_state(state["batch_rng"])
-    if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return ckpt.step
-
-
-def _state(optimizer: torch.optim.Optimizer, batches: torch.Generator,
-           val_loss: float | None) -> dict[str, Any]:
-    return {
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "batch_rng": batches.get_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "val_loss": val_loss,
-    }
-
-
-def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device)
+    return device
 
 
 def _fixed_batches(data: TokenData, config: TrainConfig, max_seq: int, per_rank: int,
                    rank: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The same validation batches at every evaluation (their own seed), this rank's share."""
     generator = torch.Generator().manual_seed(config.seed + 2)
-    batches = [data.batch("val", per_rank * world, max_seq, generator) for _ in range(config.eval_batches)]
-    return [(x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank])
-            for x, y in batches]
-
-
-@torch.no_grad()
-def _evaluate(net: nn.Module, batches, device, autocast, world: int) -> float:
-    """Mean loss over the fixed validation batches (averaged across processes)."""
-    net.eval()
-    total = torch.zeros((), device=device)
-    for x, y in batches:
-        with autocast:
-            total += next_token_loss(net(x.to(device)), y.to(device)).float()
-    total /= len(batches)
-    if world > 1:
-        dist.all_reduce(total)
-        total /= world
-    net.train()
-    return total.item()
-
-
-class _Writer:
-    """Appends metrics as JSON lines (rank 0 only)."""
-
-    def __init__(self, run_dir: Path, active: bool):
-        self.path = run_dir / "metrics.jsonl"
-        self.active = active
-        if active:
-            run_dir.mkdir(parents=True, exist_ok=True)
-
-    def metric(self, record: dict[str, Any]) -> None:
-        if self.active:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and _step_of(line) is not None and _step_of(line) <= step]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def _step_of(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None  # a line cut short by a crash
+    batches = [data.batch("val", per_rank * world, max_seq, generator)
+               for _ in range(config.eval_batches)]
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    return [(x[rows], y[rows]) for x, y in batches]
 
 
 def _progress_bar(enabled: bool, initial: int, total: int):
@@ -378,31 +416,7 @@ def _progress_bar(enabled: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    """Train and validation loss against step, as a PNG (matplotlib's headless Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    records = []
-    if metrics_path.exists():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        axes.plot(*zip(*train), label="train", linewidth=0.8, alpha=0.7)
-    if val:
-        axes.plot(*zip(*val), label="validation", marker="o", markersize=3)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss (nats/token)")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
+def _show(bar, record: dict[str, Any], val_loss: float | None) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                    **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))

@@ -1,0 +1,96 @@
+"""The run directory: which checkpoints count and in what order, pruning, resume choice, and the
+metrics file cut back to the resumed step."""
+
+import json
+
+import pytest
+import torch
+
+from tinygpt.checkpoint import CheckpointError
+from tinygpt.config import ModelConfig
+from tinygpt.model import TinyDecoderModel
+from tinygpt.rundir import RunDir
+from tinygpt.tokenizer import CharTokenizer
+
+TOKENIZER = CharTokenizer.from_text("abcdefg \n")
+CONFIG = ModelConfig.preset("seed", vocab_size=TOKENIZER.vocab_size, max_seq=8)
+
+
+def _save(run, step):
+    torch.manual_seed(step)
+    return run.save(model=TinyDecoderModel(CONFIG), tokenizer=TOKENIZER, step=step,
+                    state={"step": step}, meta={})
+
+
+def _names(paths):
+    return [p.name for p in paths]
+
+
+def test_listing_ignores_temporaries_and_lookalikes(tmp_path):
+    run = RunDir(tmp_path)
+    _save(run, 2)
+    for name in (".tmp-ckpt-x1y2", ".tmp-ckpt-trash-ckpt-00000001-4242", "ckpt-00000003.tmp",
+                 "ckpt-final", "old-ckpt-00000004"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"\0" * 8)
+    (tmp_path / "ckpt-00000005").write_text("a file, not a checkpoint directory")
+    assert _names(run.checkpoints()) == ["ckpt-00000002"] and run.latest().name == "ckpt-00000002"
+    checkpoint, state = run.load(run.latest())
+    assert checkpoint.step == 2 and state == {"step": 2}
+
+
+def test_newest_is_by_step_not_by_name(tmp_path):
+    """Past 8 digits, `ckpt-100000000` sorts before `ckpt-99999999` as a string."""
+    run = RunDir(tmp_path, keep=2)
+    for step in (99_999_999, 100_000_000):
+        _save(run, step)
+    assert _names(run.checkpoints()) == ["ckpt-99999999", "ckpt-100000000"]
+    assert run.load(run.latest())[0].step == 100_000_000
+
+
+def test_pruning_keeps_the_newest_n(tmp_path):
+    run = RunDir(tmp_path, keep=2)
+    (tmp_path / ".tmp-ckpt-killed").mkdir(parents=True)  # left by a writer killed mid-write
+    for step in (1, 2, 3, 4):
+        _save(run, step)
+    assert _names(run.checkpoints()) == ["ckpt-00000003", "ckpt-00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000003", "ckpt-00000004"]
+    with pytest.raises(ValueError, match="keep must be a positive integer, got 0"):
+        _save(RunDir(tmp_path / "other", keep=0), 1)
+
+
+def test_resume_from_picks_the_newest_or_refuses_a_fresh_start_over_a_run(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.resume_from(resume=False) is None and run.resume_from(resume=True) is None
+    _save(run, 7)
+    assert run.resume_from(resume=True).name == "ckpt-00000007"
+    with pytest.raises(CheckpointError, match="already has checkpoints; pass --resume"):
+        run.resume_from(resume=False)
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+    """Steps logged after the checkpoint (and a line cut short by a kill) are dropped: they will
+    be trained and logged again. The kept lines are the original bytes."""
+    run = RunDir(tmp_path)
+    run.truncate_metrics(3)  # no file yet: nothing to do
+    assert not run.metrics_path.exists()
+    for step in range(1, 7):
+        run.append_metrics({"step": step, "train_loss": 1.0 / step, "lr": 0.1})
+    original = run.metrics_path.read_text().splitlines(keepends=True)
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 7, "train_lo')
+    run.truncate_metrics(4)
+    assert run.metrics_path.read_text() == "".join(original[:4])
+    assert [r["step"] for r in run.read_metrics()] == [1, 2, 3, 4]
+    run.append_metrics({"step": 5, "train_loss": 0.5, "lr": 0.1})
+    assert [json.loads(line)["step"] for line in run.metrics_path.read_text().splitlines()] == \
+        [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left
+
+
+def test_loss_curve_is_drawn_from_the_metrics(tmp_path):
+    run = RunDir(tmp_path)
+    for step in range(1, 11):
+        run.append_metrics({"step": step, "train_loss": 2.0 / step, "val_loss": 2.5 / step})
+    assert run.plot_loss_curve() == tmp_path / "loss_curve.png"
+    assert run.loss_curve_path.stat().st_size > 1000
