@@ -19,8 +19,8 @@ from gen_strategies import TOLERANCE, build_model, random_prompt
 from tinygpt import ModelConfig
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
-from tinygpt.decode import decode_step
 from tinygpt.generate import beam_search, generate, generate_steps
+from tinygpt.generate.compiled import decode_step
 from tinygpt.tokenizer import CharTokenizer
 
 

@@ -11,6 +11,7 @@ reuses one graph, and the eager step changes shape every token. Here nothing doe
   `index`, together with each row's left padding.
 
 The step runs the model's own blocks (and so its own attention): only the cache is swapped.
+`tinygpt.generate.cache.StaticCache` owns the buffers and calls the compiled step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tinygpt.attention import KVCache
 from tinygpt.model import TinyDecoderModel
 
 
@@ -71,36 +71,3 @@ def compiled_step(backend: str | Callable = "inductor") -> Callable:
     options = {"cpp_wrapper": True} if backend == "inductor" else None
     return torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False,
                          options=options)
-
-
-class StaticCache:
-    """The fixed buffers of every layer, filled from an eager prefill's `KVCache`s."""
-
-    def __init__(self, model: TinyDecoderModel, cache: list[KVCache], is_pad: Tensor | None,
-                 backend: str | Callable = "inductor"):
-        first = cache[0].k
-        b, h, width, d = first.shape
-        j = model.config.max_seq
-        self.model, self.step = model, compiled_step(backend)
-        self.keys = [first.new_zeros(b, h, j, d) for _ in cache]
-        self.values = [first.new_zeros(b, h, j, d) for _ in cache]
-        for layer, k, v in zip(cache, self.keys, self.values):
-            k[:, :, :width] = layer.k
-            v[:, :, :width] = layer.v
-        self.is_pad = torch.zeros(b, j, dtype=torch.bool, device=first.device)
-        if is_pad is not None:
-            self.is_pad[:, :width] = is_pad
-        self.length = width
-
-    def __call__(self, idx: Tensor, positions: Tensor) -> Tensor:
-        """Logits `(b v)` for tokens idx `(b 1)` at positions `(b 1)`, appended to the cache."""
-        index = torch.tensor([self.length], device=idx.device)
-        logits = self.step(self.model, idx, positions, index, self.is_pad, self.keys, self.values)
-        self.length += 1
-        return logits
-
-    def reorder(self, rows: Tensor) -> None:
-        """Keep rows `(b')` of the batch, in that order (beam search)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.is_pad = self.is_pad[rows]
