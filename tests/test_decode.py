@@ -1,5 +1,5 @@
-"""The compiled decode step (`tinygpt.decode`, `generate(compile=...)`) is the same function as
-recomputation: logits and tokens at every step, across slides, ragged rows and beams.
+"""The compiled decode step (`tinygpt.generate.compiled`, `generate(compile=...)`) is the same
+function as recomputation: logits and tokens at every step, across slides, ragged rows and beams.
 
 Most tests compile with `counting_backend`: torch's "aot_eager" backend (Dynamo's trace plus AOT
 functionalisation of the in-place cache writes, as inductor gets them, but no code generation, so
@@ -21,6 +21,7 @@ from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
 from tinygpt.generate import beam_search, generate, generate_steps
 from tinygpt.generate.compiled import decode_step
+from tinygpt.generate.decoder import Decoder
 from tinygpt.tokenizer import CharTokenizer
 
 
@@ -50,11 +51,16 @@ class CountingBackend:
 
 
 def run_steps(model, prompt, n, **options):
-    """Every step of `generate_steps`, seeded, and how many times the model's forward ran."""
+    """Every step of `generate_steps`, seeded, and how many of them were eager (re-)prefills.
+
+    The prefills are counted at the decoder, not at the model's forward: the compiled step runs
+    that same forward inside its graph.
+    """
     generator = torch.Generator().manual_seed(0)
-    with mock.patch.object(model, "forward", wraps=model.forward) as forward:
+    with mock.patch.object(Decoder, "_prefill", autospec=True,
+                           side_effect=Decoder._prefill) as prefill:
         steps = list(generate_steps(model, prompt, n, generator=generator, **options))
-    return steps, forward.call_count
+    return steps, prefill.call_count
 
 
 CASES = [

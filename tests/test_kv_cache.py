@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from reference import ReferenceDecoderModel, copy_weights
 from tinygpt import ModelConfig, MultiHeadAttention, TinyDecoderModel, causal_mask
 from tinygpt.attention import HookPoint, KVCache
-from tinygpt.model import check_positions
 from tinygpt.generate import generate, generate_steps
+from tinygpt.model import check_positions
 
 SEED_CONFIG = ModelConfig.preset("seed")
 
