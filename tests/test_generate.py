@@ -4,6 +4,7 @@ test_beam.py; cache against recomputation: test_kv_cache.py; the compiled step: 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -158,6 +159,27 @@ def test_bad_prompts_are_named(idx, count, message):
     model = build_model(TINY, seed=0)
     with pytest.raises(ValueError, match=message):
         generate(model, idx, count)
+
+
+def test_out_of_vocabulary_prompt_ids_are_one_sentence_at_every_entry_point():
+    """The model's forward checks no token values (it indexes the embedding blindly): each entry
+    point that takes a prompt checks it once, and names the id instead of an IndexError."""
+    model = build_model(TINY, seed=0)
+    wide = CharTokenizer("abcdefghijklmn")  # 15 ids: more than the model's 12
+    calls = {
+        "generate": lambda: generate(model, torch.tensor([[1, 12]]), 3),
+        "generate, ragged": lambda: generate(model, [[1], [3, -1]], 3, do_sample=False),
+        "generate_steps": lambda: list(generate_steps(model, torch.tensor([[12]]), 3)),
+        "beam_search": lambda: beam_search(model, torch.tensor([[12]]), 3, beam_width=2),
+        "stream": lambda: list(stream(model, wide, "an", 3)),
+        "complete": lambda: complete(model, wide, "n", 3),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as raised:
+            call()
+        message = str(raised.value)
+        assert re.fullmatch(r"token id (12|13|-1) in prompt [01] is outside the vocabulary "
+                            r"0\.\.11\.", message), (name, message)
 
 
 def test_bad_beam_arguments_are_named():
