@@ -1,7 +1,7 @@
 """How the next token is drawn from the logits: filters over logits, composed, and one `Sampling`.
 
 A filter is a plain function from logits `(... v)` to logits `(... v)`; a token it removes gets
--inf. `Sampling` holds the options, is checked once when it is made, and composes its filters
+-inf. `Sampling` holds the options, is checked once when it is made, and lists its filters
 then, so a decoding loop draws every token without looking at the options again.
 """
 
@@ -50,11 +50,6 @@ def temperature_filter(logits: Tensor, temperature: float) -> Tensor:
     return logits / temperature
 
 
-def compose(*filters: LogitsFilter) -> LogitsFilter:
-    """One filter applying `filters` in order."""
-    return lambda logits: reduce(lambda out, keep: keep(out), filters, logits)
-
-
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise a ValueError naming the first bad sampling argument."""
     if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
@@ -78,7 +73,7 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     greedy: bool = False
-    _filter: LogitsFilter = field(init=False, repr=False, compare=False)
+    _filters: tuple[LogitsFilter, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p)
@@ -89,7 +84,7 @@ class Sampling:
             filters.append(partial(top_k_filter, k=self.top_k))
         if self.top_p is not None:
             filters.append(partial(top_p_filter, p=self.top_p))
-        object.__setattr__(self, "_filter", compose(*filters))  # frozen: set once, here
+        object.__setattr__(self, "_filters", tuple(filters))  # frozen: set once, here
 
     @property
     def is_greedy(self) -> bool:
@@ -99,7 +94,8 @@ class Sampling:
         """Next token ids `(b)` from logits `(b v)`."""
         if self.is_greedy:
             return logits.argmax(dim=-1)
-        probs = self._filter(logits).softmax(dim=-1)
+        logits = reduce(lambda out, keep: keep(out), self._filters, logits)  # in order
+        probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
