@@ -51,7 +51,7 @@ def exhaustive(model, prompt, vocab, n, eos_id=None, length_penalty=0.0):
 
 @pytest.mark.parametrize("eos_id, length_penalty", [(None, 0.0), (1, 0.0), (1, 1.0), (0, 0.6)])
 def test_wide_beam_equals_exhaustive_search(eos_id, length_penalty):
-    """Issue 4, point 3: width vocab^(n-1) keeps every prefix, so the beam search is exact; every
+    """Width vocab^(n-1) keeps every prefix, so the beam search is exact; every
     returned score equals the log-probs of a plain forward."""
     vocab, n = 3, 4
     model = build_model(ModelConfig.preset("seed", vocab_size=vocab, max_seq=8), 5, spread=3.0)

@@ -75,7 +75,7 @@ CASES = [
 
 @pytest.mark.parametrize("config, dtype, policy, rows", CASES)
 def test_compiled_generation_equals_recomputation(config, dtype, policy, rows):
-    """Issue 4, point 1 for the compiled step: same logits (fp32 1e-5, fp64 1e-10) and the same
+    """The compiled step: same logits (fp32 1e-5, fp64 1e-10) and the same
     sampled tokens as the uncached path, over 3 x max_seq + 2 tokens, so the context slides."""
     model = build_model(config, seed=1, dtype=dtype, spread=2.0 if dtype == torch.float64 else 1.0)
     prompt = torch.stack([random_prompt(3, config.vocab_size, seed=r) for r in range(rows)])

@@ -41,7 +41,7 @@ def test_unfiltered_options_change_nothing_in_generation():
 
 
 def test_fixed_seed_is_reproducible_and_the_seed_matters():
-    """Issue 4, point 5 (within a process; the CLI test repeats it across processes)."""
+    """Within a process; the CLI test repeats it across processes."""
     model = build_model(TINY, seed=2, spread=2.0)
     prompt = torch.tensor([[3]])
 
