@@ -14,9 +14,10 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gen_strategies import TOLERANCE, build_model, random_prompt
 
-from tinygpt import ModelConfig
+from tinygpt import ModelConfig, TinyDecoderModel
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
 from tinygpt.generate import beam_search, generate, generate_steps
@@ -148,6 +149,31 @@ def test_decode_step_hides_the_columns_not_written_yet():
         unmasked = decode_step(model, idx[:, 4:], torch.tensor([[4]]), torch.tensor([7]), is_pad,
                                keys, values)
     assert not torch.allclose(unmasked, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_decode_step_is_the_models_own_forward():
+    """The step keeps no copy of the forward: a change to `TinyDecoderModel.forward` (here, logits
+    doubled) reaches the step's logits."""
+    config = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
+    model = build_model(config, seed=6, spread=2.0)
+    idx = random_prompt(3, config.vocab_size, seed=6)[None]
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model(idx[:, :2], cache=cache)
+
+        def step():
+            keys = [F.pad(layer.k, (0, 0, 0, 6)) for layer in cache]  # b h 8 d, 2 columns written
+            values = [F.pad(layer.v, (0, 0, 0, 6)) for layer in cache]
+            return decode_step(model, idx[:, 2:], torch.tensor([[2]]), torch.tensor([2]),
+                               torch.zeros(1, 8, dtype=torch.bool), keys, values)
+
+        plain = step()
+        forward = TinyDecoderModel.forward
+        with mock.patch.object(TinyDecoderModel, "forward", autospec=True,
+                               side_effect=lambda *args, **kwargs: 2 * forward(*args, **kwargs)):
+            doubled = step()
+    torch.testing.assert_close(doubled, 2 * plain, rtol=0, atol=0)
+    assert not torch.allclose(plain, doubled)
 
 
 @pytest.mark.slow
