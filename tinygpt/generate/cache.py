@@ -119,12 +119,12 @@ class StaticCache:
         self.is_pad = torch.zeros(b, j, dtype=torch.bool, device=layers[0].k.device)
         if is_pad is not None:
             self.is_pad[:, :width] = is_pad
-        self.length = width
+        self.index = torch.tensor([width], device=layers[0].k.device)  # 1: the next column
 
     def decode_one_token(self, idx: Tensor, positions: Tensor) -> Tensor:
-        index = torch.tensor([self.length], device=idx.device)
-        logits = self.step(self.model, idx, positions, index, self.is_pad, self.keys, self.values)
-        self.length += 1
+        logits = self.step(self.model, idx, positions, self.index, self.is_pad, self.keys,
+                           self.values)
+        self.index = self.index + 1  # on the device: no copy from the host per step
         return logits
 
     def reorder(self, rows: Tensor) -> None:
