@@ -1,5 +1,5 @@
-"""The compiled decode step (`tinygpt.decode`, `generate(compile=...)`) is the same function as
-recomputation: logits and tokens at every step, across slides, ragged rows and beams.
+"""The compiled decode step (`tinygpt.generate.compiled`, `generate(compile=...)`) is the same
+function as recomputation: logits and tokens at every step, across slides, ragged rows and beams.
 
 Most tests compile with `counting_backend`: torch's "aot_eager" backend (Dynamo's trace plus AOT
 functionalisation of the in-place cache writes, as inductor gets them, but no code generation, so
@@ -14,13 +14,15 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from gen_strategies import TOLERANCE, build_model, random_prompt
 
-from tinygpt import ModelConfig
+from tinygpt import ModelConfig, TinyDecoderModel
 from tinygpt.checkpoint import save_checkpoint
 from tinygpt.cli import main
-from tinygpt.decode import decode_step
 from tinygpt.generate import beam_search, generate, generate_steps
+from tinygpt.generate.compiled import decode_step
+from tinygpt.generate.decoder import Decoder
 from tinygpt.tokenizer import CharTokenizer
 
 
@@ -50,11 +52,16 @@ class CountingBackend:
 
 
 def run_steps(model, prompt, n, **options):
-    """Every step of `generate_steps`, seeded, and how many times the model's forward ran."""
+    """Every step of `generate_steps`, seeded, and how many of them were eager (re-)prefills.
+
+    The prefills are counted at the decoder, not at the model's forward: the compiled step runs
+    that same forward inside its graph.
+    """
     generator = torch.Generator().manual_seed(0)
-    with mock.patch.object(model, "forward", wraps=model.forward) as forward:
+    with mock.patch.object(Decoder, "_prefill", autospec=True,
+                           side_effect=Decoder._prefill) as prefill:
         steps = list(generate_steps(model, prompt, n, generator=generator, **options))
-    return steps, forward.call_count
+    return steps, prefill.call_count
 
 
 CASES = [
@@ -69,7 +76,7 @@ CASES = [
 
 @pytest.mark.parametrize("config, dtype, policy, rows", CASES)
 def test_compiled_generation_equals_recomputation(config, dtype, policy, rows):
-    """Issue 4, point 1 for the compiled step: same logits (fp32 1e-5, fp64 1e-10) and the same
+    """The compiled step: same logits (fp32 1e-5, fp64 1e-10) and the same
     sampled tokens as the uncached path, over 3 x max_seq + 2 tokens, so the context slides."""
     model = build_model(config, seed=1, dtype=dtype, spread=2.0 if dtype == torch.float64 else 1.0)
     prompt = torch.stack([random_prompt(3, config.vocab_size, seed=r) for r in range(rows)])
@@ -142,6 +149,31 @@ def test_decode_step_hides_the_columns_not_written_yet():
         unmasked = decode_step(model, idx[:, 4:], torch.tensor([[4]]), torch.tensor([7]), is_pad,
                                keys, values)
     assert not torch.allclose(unmasked, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_decode_step_is_the_models_own_forward():
+    """The step keeps no copy of the forward: a change to `TinyDecoderModel.forward` (here, logits
+    doubled) reaches the step's logits."""
+    config = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
+    model = build_model(config, seed=6, spread=2.0)
+    idx = random_prompt(3, config.vocab_size, seed=6)[None]
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model(idx[:, :2], cache=cache)
+
+        def step():
+            keys = [F.pad(layer.k, (0, 0, 0, 6)) for layer in cache]  # b h 8 d, 2 columns written
+            values = [F.pad(layer.v, (0, 0, 0, 6)) for layer in cache]
+            return decode_step(model, idx[:, 2:], torch.tensor([[2]]), torch.tensor([2]),
+                               torch.zeros(1, 8, dtype=torch.bool), keys, values)
+
+        plain = step()
+        forward = TinyDecoderModel.forward
+        with mock.patch.object(TinyDecoderModel, "forward", autospec=True,
+                               side_effect=lambda *args, **kwargs: 2 * forward(*args, **kwargs)):
+            doubled = step()
+    torch.testing.assert_close(doubled, 2 * plain, rtol=0, atol=0)
+    assert not torch.allclose(plain, doubled)
 
 
 @pytest.mark.slow

@@ -1,18 +1,16 @@
-"""Sampling filters against their definitions, beam search against exhaustive search, stop strings,
-streaming and bad arguments."""
+"""Generation end to end: sampling options through the decoder, long prompts, stop strings,
+streaming, bad arguments and the command line. (The filters: test_sampling.py; beams:
+test_beam.py; cache against recomputation: test_kv_cache.py; the compiled step: test_decode.py.)"""
 
 from __future__ import annotations
 
-import itertools
-import math
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from gen_strategies import build_model, random_prompt, seeds, small_configs
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from gen_strategies import build_model, random_prompt
 
 from tinygpt import ModelConfig
 from tinygpt.checkpoint import save_checkpoint
@@ -23,85 +21,12 @@ from tinygpt.generate import (
     encode_prompt,
     generate,
     generate_steps,
-    sample_next,
     stream,
-    top_k_filter,
-    top_p_filter,
     unknown_characters,
 )
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 TINY = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
-
-
-def random_logits(seed: int, vocab: int, rows: int = 3, ties: bool = False) -> torch.Tensor:
-    """Logits `(b v)`; with `ties`, drawn from a few integers so that equal logits are common."""
-    generator = torch.Generator().manual_seed(seed)
-    if ties:
-        return torch.randint(-3, 3, (rows, vocab), generator=generator).double()
-    return torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 3
-
-
-def kept(filtered: torch.Tensor) -> list[set[int]]:
-    return [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in filtered]
-
-
-@given(seed=seeds, vocab=st.integers(1, 30), k=st.integers(1, 35), ties=st.booleans())
-def test_top_k_keeps_every_logit_at_least_the_kth_largest(seed, vocab, k, ties):
-    logits = random_logits(seed, vocab, ties=ties)
-    filtered = top_k_filter(logits, k)
-    for row, survivors in zip(logits.tolist(), kept(filtered)):
-        kth = sorted(row, reverse=True)[min(k, vocab) - 1]
-        assert survivors == {i for i, x in enumerate(row) if x >= kth}
-        assert len(survivors) >= min(k, vocab)
-    assert torch.equal(filtered[torch.isfinite(filtered)], logits[torch.isfinite(filtered)])
-    if k >= vocab:
-        assert torch.equal(filtered, logits)
-
-
-def smallest_set_reaching(probs: list[float], p: float) -> set[int]:
-    """The definition: most likely first (lower id first on a tie) until the total reaches p."""
-    chosen, total = set(), 0.0
-    for i in sorted(range(len(probs)), key=lambda i: (-probs[i], i)):
-        if total >= p:
-            break
-        chosen.add(i)
-        total = math.fsum(probs[j] for j in chosen)
-    return chosen
-
-
-@given(seed=seeds, vocab=st.integers(1, 30), p=st.floats(0.01, 1.0), ties=st.booleans())
-@example(seed=0, vocab=10, p=1.0, ties=False)
-def test_top_p_keeps_the_smallest_set_reaching_p(seed, vocab, p, ties):
-    logits = random_logits(seed, vocab, ties=ties)
-    filtered = top_p_filter(logits, p)
-    for row, survivors in zip(logits.softmax(dim=-1).tolist(), kept(filtered)):
-        assert survivors == smallest_set_reaching(row, p)
-        assert max(range(vocab), key=lambda i: (row[i], -i)) in survivors  # the top token
-        total = sum(row[i] for i in survivors)
-        assert total >= p - 1e-12
-        assert total - min(row[i] for i in survivors) < p  # no smaller set would do
-    if p == 1.0:
-        assert torch.equal(filtered, logits)
-
-
-@given(seed=seeds, vocab=st.integers(2, 30), k=st.integers(1, 10), p=st.floats(0.05, 1.0))
-def test_filters_never_leave_an_empty_support(seed, vocab, k, p):
-    logits = random_logits(seed, vocab, ties=True)
-    generator = torch.Generator().manual_seed(seed)
-    tokens = sample_next(logits, temperature=0.7, top_k=k, top_p=p, generator=generator)
-    survivors = kept(top_p_filter(top_k_filter(logits / 0.7, k), p))
-    assert all(int(t) in s for t, s in zip(tokens, survivors))
-
-
-@given(seed=seeds, vocab=st.integers(2, 30))
-def test_top_k_one_and_temperature_zero_are_greedy(seed, vocab):
-    logits = random_logits(seed, vocab)
-    greedy = logits.argmax(dim=-1)
-    generator = torch.Generator().manual_seed(seed)
-    assert torch.equal(sample_next(logits, top_k=1, generator=generator), greedy)
-    assert torch.equal(sample_next(logits, temperature=0), greedy)
-    assert torch.equal(sample_next(logits, do_sample=False, top_p=0.5), greedy)
 
 
 def test_unfiltered_options_change_nothing_in_generation():
@@ -116,7 +41,7 @@ def test_unfiltered_options_change_nothing_in_generation():
 
 
 def test_fixed_seed_is_reproducible_and_the_seed_matters():
-    """Issue 4, point 5 (within a process; the CLI test repeats it across processes)."""
+    """Within a process; the CLI test repeats it across processes."""
     model = build_model(TINY, seed=2, spread=2.0)
     prompt = torch.tensor([[3]])
 
@@ -135,68 +60,6 @@ def test_generate_keeps_a_long_prompt_as_history():
     assert out.shape == (1, 25) and torch.equal(out[:, :20], prompt)
     assert torch.equal(generate(model, prompt, 0), prompt)
 
-
-def plain_log_prob(model, tokens: torch.Tensor, prompt_length: int) -> float:
-    """Summed log-probabilities of the new tokens, from one plain forward (sequence <= max_seq)."""
-    with torch.inference_mode():
-        log_probs = model(tokens[None, :-1])[0].double().log_softmax(dim=-1)
-    return sum(float(log_probs[t - 1, tokens[t]]) for t in range(prompt_length, len(tokens)))
-
-
-@given(config=small_configs(max_seq=st.integers(7, 10)), seed=seeds, n=st.integers(1, 6))
-@settings(max_examples=25)
-def test_beam_of_one_is_greedy(config, seed, n):
-    model = build_model(config, seed, spread=2.0)
-    prompt = random_prompt(2, config.vocab_size, seed)[None]
-    [beam] = beam_search(model, prompt, n, beam_width=1)
-    assert torch.equal(beam.tokens, generate(model, prompt, n, do_sample=False)[0])
-    assert beam.log_prob == pytest.approx(plain_log_prob(model, beam.tokens, 2), abs=1e-10)
-
-
-def exhaustive(model, prompt, vocab, n, eos_id=None, length_penalty=0.0):
-    """Every continuation of up to n tokens (ending early only at eos), with its log-prob and
-    score, best first."""
-    found = []
-    for length in range(1, n + 1):
-        for new in itertools.product(range(vocab), repeat=length):
-            if eos_id is not None and eos_id in new[:-1]:
-                continue
-            if length < n and (eos_id is None or new[-1] != eos_id):
-                continue
-            tokens = torch.cat([prompt, torch.tensor(new)])
-            log_prob = plain_log_prob(model, tokens, len(prompt))
-            found.append((log_prob / length ** length_penalty, log_prob, tuple(tokens.tolist())))
-    return sorted(found, reverse=True)
-
-
-@pytest.mark.parametrize("eos_id, length_penalty", [(None, 0.0), (1, 0.0), (1, 1.0), (0, 0.6)])
-def test_wide_beam_equals_exhaustive_search(eos_id, length_penalty):
-    """Issue 4, point 3: width vocab^(n-1) keeps every prefix, so the beam search is exact; every
-    returned score equals the log-probs of a plain forward."""
-    vocab, n = 3, 4
-    model = build_model(ModelConfig.preset("seed", vocab_size=vocab, max_seq=8), 5, spread=3.0)
-    prompt = torch.tensor([2, 0])
-    width = vocab ** (n - 1)
-    beams = beam_search(model, prompt[None], n, beam_width=width, eos_id=eos_id,
-                        length_penalty=length_penalty)
-    truth = exhaustive(model, prompt, vocab, n, eos_id, length_penalty)[:width]
-    assert [tuple(b.tokens.tolist()) for b in beams] == [t[2] for t in truth]
-    for beam, (score, log_prob, _) in zip(beams, truth):
-        assert beam.log_prob == pytest.approx(log_prob, abs=1e-10)
-        assert beam.score == pytest.approx(score, abs=1e-10)
-    if eos_id is not None:
-        assert len({len(b.tokens) for b in beams}) > 1  # beams did end at different lengths
-
-
-def test_beams_are_sorted_and_the_cache_follows_them_across_slides():
-    model = build_model(TINY, seed=4, spread=3.0)
-    prompt = torch.tensor([[5, 6]])
-    beams = beam_search(model, prompt, 6, beam_width=4)
-    assert len(beams) == 4
-    assert [b.score for b in beams] == sorted((b.score for b in beams), reverse=True)
-    cached = beam_search(model, prompt, 12, beam_width=3, policy="fast")
-    uncached = beam_search(model, prompt, 12, beam_width=3, policy="fast", use_cache=False)
-    assert [b.tokens.tolist() for b in cached] == [b.tokens.tolist() for b in uncached]
 
 
 CHARS = "abc \n"
@@ -296,6 +159,27 @@ def test_bad_prompts_are_named(idx, count, message):
     model = build_model(TINY, seed=0)
     with pytest.raises(ValueError, match=message):
         generate(model, idx, count)
+
+
+def test_out_of_vocabulary_prompt_ids_are_one_sentence_at_every_entry_point():
+    """The model's forward checks no token values (it indexes the embedding blindly): each entry
+    point that takes a prompt checks it once, and names the id instead of an IndexError."""
+    model = build_model(TINY, seed=0)
+    wide = CharTokenizer("abcdefghijklmn")  # 15 ids: more than the model's 12
+    calls = {
+        "generate": lambda: generate(model, torch.tensor([[1, 12]]), 3),
+        "generate, ragged": lambda: generate(model, [[1], [3, -1]], 3, do_sample=False),
+        "generate_steps": lambda: list(generate_steps(model, torch.tensor([[12]]), 3)),
+        "beam_search": lambda: beam_search(model, torch.tensor([[12]]), 3, beam_width=2),
+        "stream": lambda: list(stream(model, wide, "an", 3)),
+        "complete": lambda: complete(model, wide, "n", 3),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as raised:
+            call()
+        message = str(raised.value)
+        assert re.fullmatch(r"token id (12|13|-1) in prompt [01] is outside the vocabulary "
+                            r"0\.\.11\.", message), (name, message)
 
 
 def test_bad_beam_arguments_are_named():

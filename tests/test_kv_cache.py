@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from reference import ReferenceDecoderModel, copy_weights
 from tinygpt import ModelConfig, MultiHeadAttention, TinyDecoderModel, causal_mask
 from tinygpt.attention import HookPoint, KVCache
-from tinygpt.model import check_positions
 from tinygpt.generate import generate, generate_steps
+from tinygpt.model import check_positions
 
 SEED_CONFIG = ModelConfig.preset("seed")
 
@@ -37,9 +37,9 @@ def steps(model, prompt, n, *, use_cache, policy, seed, **sampling):
 @example(config=SEED_CONFIG, dtype=torch.float64, policy="fast", seed=1, prompt_length=40)
 @settings(max_examples=30)
 def test_cached_generation_equals_recomputation(config, dtype, policy, seed, prompt_length):
-    """Issue 4, point 1: same logits at every step and same sampled tokens, over 3 x max_seq new
+    """Same logits at every step and same sampled tokens, over 3 x max_seq new
     tokens, so the window slides (and the cache is rebuilt) several times."""
-    # fp32 keeps the default init: larger weights push its rounding past 1e-5 (TRAPS.md, 5).
+    # fp32 keeps the default init: larger weights push its rounding past 1e-5.
     model = build_model(config, seed, dtype, spread=2.0 if dtype == torch.float64 else 1.0)
     prompt = random_prompt(prompt_length, config.vocab_size, seed)[None]
     n = 3 * config.max_seq + 2
@@ -181,7 +181,7 @@ def test_hooks_fire_in_cached_mode():
 @example(config=SEED_CONFIG, seed=0, policy="exact", lengths=[1, 40, 7])
 @settings(max_examples=20)
 def test_ragged_batch_equals_one_prompt_at_a_time(config, seed, policy, lengths):
-    """Issue 4, point 4: left padding, a key-padding mask and per-row positions and contexts."""
+    """Left padding, a key-padding mask and per-row positions and contexts."""
     model = build_model(config, seed, spread=2.0)
     prompts = [random_prompt(n, config.vocab_size, seed + k) for k, n in enumerate(lengths)]
     n = 2 * config.max_seq + 1

@@ -129,8 +129,8 @@ class TinyDecoderModel(nn.Module):
         t = idx.shape[1]
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}.")
-        past = 0 if cache is None else cache[0].length
-        if past + t > self.config.max_seq:
+        past = 0 if cache is None else cache[0].length  # a tensor for a fixed-size cache
+        if isinstance(past, int) and past + t > self.config.max_seq:  # fixed buffers cannot grow
             raise ValueError(
                 f"{past} cached + {t} new positions exceed max_seq={self.config.max_seq}."
             )

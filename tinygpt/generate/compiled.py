@@ -10,7 +10,8 @@ reuses one graph, and the eager step changes shape every token. Here nothing doe
 - the columns not written yet are hidden by a key-padding mask built inside the step from
   `index`, together with each row's left padding.
 
-The step runs the model's own blocks (and so its own attention): only the cache is swapped.
+The step is the model's own forward (and so its own attention): only the cache is swapped.
+`tinygpt.generate.cache.StaticCache` owns the buffers and calls the compiled step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tinygpt.attention import KVCache
 from tinygpt.model import TinyDecoderModel
 
 
@@ -29,11 +29,16 @@ class StaticKVCache:
     """One layer's keys and values `(b h j d)` in fixed buffers; `append` writes one position.
 
     It stands in for `KVCache` inside the attention: `append` returns the whole buffers, unwritten
-    columns included, and the step's key-padding mask hides those.
+    columns included, and the step's key-padding mask hides those. Its `length`, the columns
+    written before this step, is the tensor `index`, so that every step traces to the same graph.
     """
 
     def __init__(self, k: Tensor, v: Tensor, index: Tensor):
         self.k, self.v, self.index = k, v, index
+
+    @property
+    def length(self) -> Tensor:
+        return self.index
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k and v `(b h 1 d)` at column `index`; return all keys and values `(b h j d)`."""
@@ -47,17 +52,14 @@ def decode_step(model: TinyDecoderModel, idx: Tensor, positions: Tensor, index: 
     """Logits `(b v)` of one new token per row, writing its keys and values into the buffers.
 
     idx and positions `(b 1)`; index `(1)` is the column the new token takes; is_pad `(b j)` marks
-    each row's left padding; keys and values hold one `(b h j d)` buffer per block. Equal to
-    `model(idx, cache=..., positions=positions, key_padding_mask=...)` on the written columns.
+    each row's left padding; keys and values hold one `(b h j d)` buffer per block. It is the
+    model's own forward, given the buffers as its cache and a key-padding mask that hides both the
+    padding and the columns not written yet.
     """
     columns = torch.arange(is_pad.shape[1], device=is_pad.device)
     is_blocked = is_pad | (columns > index)  # b j: padding, and the columns not yet written
-    x = model.dropout(model.embedding(idx) + model.positional[positions])
-    for block, k, v in zip(model.blocks, keys, values):
-        x = block(x, None, is_blocked, StaticKVCache(k, v, index))
-    if model.final_norm is not None:
-        x = model.final_norm(x)
-    return model.lm_head(x)[:, -1]
+    cache = [StaticKVCache(k, v, index) for k, v in zip(keys, values)]
+    return model(idx, cache=cache, positions=positions, key_padding_mask=is_blocked)[:, -1]
 
 
 @functools.cache
@@ -71,36 +73,3 @@ def compiled_step(backend: str | Callable = "inductor") -> Callable:
     options = {"cpp_wrapper": True} if backend == "inductor" else None
     return torch.compile(decode_step, backend=backend, fullgraph=True, dynamic=False,
                          options=options)
-
-
-class StaticCache:
-    """The fixed buffers of every layer, filled from an eager prefill's `KVCache`s."""
-
-    def __init__(self, model: TinyDecoderModel, cache: list[KVCache], is_pad: Tensor | None,
-                 backend: str | Callable = "inductor"):
-        first = cache[0].k
-        b, h, width, d = first.shape
-        j = model.config.max_seq
-        self.model, self.step = model, compiled_step(backend)
-        self.keys = [first.new_zeros(b, h, j, d) for _ in cache]
-        self.values = [first.new_zeros(b, h, j, d) for _ in cache]
-        for layer, k, v in zip(cache, self.keys, self.values):
-            k[:, :, :width] = layer.k
-            v[:, :, :width] = layer.v
-        self.is_pad = torch.zeros(b, j, dtype=torch.bool, device=first.device)
-        if is_pad is not None:
-            self.is_pad[:, :width] = is_pad
-        self.length = width
-
-    def __call__(self, idx: Tensor, positions: Tensor) -> Tensor:
-        """Logits `(b v)` for tokens idx `(b 1)` at positions `(b 1)`, appended to the cache."""
-        index = torch.tensor([self.length], device=idx.device)
-        logits = self.step(self.model, idx, positions, index, self.is_pad, self.keys, self.values)
-        self.length += 1
-        return logits
-
-    def reorder(self, rows: Tensor) -> None:
-        """Keep rows `(b')` of the batch, in that order (beam search)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
-        self.is_pad = self.is_pad[rows]
