@@ -49,7 +49,7 @@ BAD_FIELDS = [
     ({"dropout": 1.0}, "dropout must be in [0, 1), got 1.0."),
     ({"dropout": -0.1}, "dropout must be in [0, 1), got -0.1."),
     ({"dropout": "0.1"}, "dropout must be in [0, 1), got '0.1'."),
-    ({"activation": "tanh"}, "activation must be one of relu, gelu, got 'tanh'."),
+    ({"activation": "tanh"}, "activation must be one of relu, gelu, gelu_tanh, got 'tanh'."),
 ]
 
 
