@@ -1,6 +1,6 @@
 """Generation speed: the KV cache against recomputation, and tokens/s for each slide policy.
 
-Two measurements from issue 4, each taken in one run so that ratios compare like with like:
+Two measurements, each taken in one run so that ratios compare like with like:
 
 1. `baby` preset (context 256): 256 new tokens from a one-token prompt, with and without the
    cache (target: cache >= 4x faster), and the cached cost per token in each quarter of the window

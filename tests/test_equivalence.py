@@ -1,7 +1,7 @@
 """The hand-written attention and model are the same function as their nn.MultiheadAttention twins.
 
 Weights are always copied through `reference.copy_weights` (the same seed does not give the same
-weights in the two builds). Tolerances are issue 2's, kept in `strategies`.
+weights in the two builds). The tolerances live in `strategies`, with their reasons.
 """
 
 from __future__ import annotations

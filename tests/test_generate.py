@@ -242,7 +242,7 @@ def test_cli_beam_prints_the_best_beams(run_dir, capsys):
 
 
 def test_cli_seed_is_reproducible_across_processes(run_dir):
-    """Issue 4, point 5: two separate processes, the same seed, the same text."""
+    """Two separate processes, the same seed, the same text: no hidden global RNG state."""
     def run(seed):
         command = [sys.executable, "-m", "tinygpt", "generate", "--checkpoint", str(run_dir),
                    "--prompt", "RO", "--max-new-tokens", "40", "--seed", str(seed)]
