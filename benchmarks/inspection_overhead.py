@@ -52,7 +52,7 @@ def main() -> None:
     # Interleave the three so drifting machine load hits them alike.
     fresh, after, cached = [], [], []
     before = model(idx)
-    for round_ in range(3):
+    for _ in range(3):
         fresh.append(median_ms(lambda: model(idx), args.repeats))
         run_with_cache(model, idx)
         ablate_head(model, idx, 0, 0)

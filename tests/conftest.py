@@ -1,4 +1,5 @@
-"""Test settings shared by the whole suite: one hypothesis profile, so a developer's run equals CI's."""
+"""Test settings shared by the whole suite: one hypothesis profile, so a developer's run equals
+CI's."""
 
 import os
 

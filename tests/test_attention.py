@@ -1,4 +1,5 @@
-"""The hand-written attention on its own: shapes, weights, the fully masked row, dropout, gradcheck."""
+"""The hand-written attention on its own: shapes, weights, the fully masked row, dropout,
+gradcheck."""
 
 from __future__ import annotations
 
@@ -53,8 +54,13 @@ def test_fully_masked_row_is_zero_and_has_finite_gradients(dtype, need_weights):
     is_pad[0] = True
     attn_mask = causal_mask(case.t).to(dtype)
     attn_mask[3] = float("-inf")
-    out, weights = module(x, attn_mask=attn_mask, key_padding_mask=is_pad, need_weights=need_weights,
-                          average_attn_weights=False)
+    out, weights = module(
+        x,
+        attn_mask=attn_mask,
+        key_padding_mask=is_pad,
+        need_weights=need_weights,
+        average_attn_weights=False,
+    )
     assert not out.isnan().any()
     bias = module.out_proj.bias.detach()
     torch.testing.assert_close(out[0].detach(), bias.expand(case.t, -1))
@@ -116,8 +122,17 @@ def attention_function(d_model: int, n_heads: int, t: int):
     mask = causal_mask(t).double()
 
     def attention(x, *params):
-        return functional_call(module, dict(zip(names, params)), (x,), dict(
-            attn_mask=mask, key_padding_mask=is_pad, need_weights=True, average_attn_weights=False))
+        return functional_call(
+            module,
+            dict(zip(names, params)),
+            (x,),
+            dict(
+                attn_mask=mask,
+                key_padding_mask=is_pad,
+                need_weights=True,
+                average_attn_weights=False,
+            ),
+        )
 
     return attention, (x, *params)
 

@@ -61,7 +61,9 @@ def gradient_leak(model, idx: torch.Tensor) -> tuple[float, float]:
 
 
 def build(case, which: str):
-    hand, reference = model_pair(case.config, case.dtype, case.seed, bool_mask=which.endswith("bool"))
+    hand, reference = model_pair(
+        case.config, case.dtype, case.seed, bool_mask=which.endswith("bool")
+    )
     return hand if which == "hand" else reference
 
 
@@ -82,10 +84,11 @@ def test_future_tokens_leave_past_logits_bit_identical(case, which, train, p):
 
 
 @settings(max_examples=75)
-@given(case=model_cases(dtypes=(torch.float64,), min_d_model=2, max_seq=32),
-       which=st.sampled_from(BUILDS))
-@with_examples([c for c in MODEL_EXAMPLES if c.dtype == torch.float64],
-               which="reference")
+@given(
+    case=model_cases(dtypes=(torch.float64,), min_d_model=2, max_seq=32),
+    which=st.sampled_from(BUILDS),
+)
+@with_examples([c for c in MODEL_EXAMPLES if c.dtype == torch.float64], which="reference")
 def test_gradient_wrt_future_embeddings_is_exactly_zero(case, which):
     """d logits[:, t] / d embedding[:, s] is exactly 0 for every s > t, and nonzero before."""
     future, past = gradient_leak(build(case, which), case.tokens())
@@ -101,13 +104,16 @@ def test_prefix_logits_match_full_run():
             idx = case.tokens()
             full = model(idx)
             for p in sorted({1, (case.t + 1) // 2, case.t}):
-                torch.testing.assert_close(model(idx[:, :p]), full[:, :p], **FORWARD_TOL[case.dtype])
+                torch.testing.assert_close(
+                    model(idx[:, :p]), full[:, :p], **FORWARD_TOL[case.dtype]
+                )
 
 
 # ------------------------------------------------------------------------- the checks have teeth
 
 NAIVE_MASKS = {
-    # Bug A: True = *blocked* for nn.MultiheadAttention, so this blocks the past and opens the future.
+    # Bug A: True = *blocked* for nn.MultiheadAttention, so this blocks the past and opens the
+    # future.
     "tril-bool": lambda n: torch.tril(torch.ones(n, n)).bool(),
     # Bug B: a float mask is *added* to the scores: +1 where allowed, nothing blocked.
     "tril-float": lambda n: torch.tril(torch.ones(n, n)),

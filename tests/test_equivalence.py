@@ -38,7 +38,9 @@ MASK_KINDS = ("none", "causal", "padding", "both")
 def attention_pair(case, *, source: str = "hand"):
     torch.manual_seed(case.seed)
     hand = MultiHeadAttention(case.d_model, case.n_heads).to(case.dtype)
-    reference = nn.MultiheadAttention(case.d_model, case.n_heads, batch_first=True, dtype=case.dtype)
+    reference = nn.MultiheadAttention(
+        case.d_model, case.n_heads, batch_first=True, dtype=case.dtype
+    )
     if source == "hand":
         copy_weights(hand, reference)
     else:
@@ -56,7 +58,10 @@ def attention_masks(case, kind: str, boolean: bool):
         if boolean:
             hand["attn_mask"] = reference["attn_mask"] = torch.isinf(torch_mask)
         else:
-            hand["attn_mask"], reference["attn_mask"] = causal_mask(case.t).to(case.dtype), torch_mask
+            hand["attn_mask"], reference["attn_mask"] = (
+                causal_mask(case.t).to(case.dtype),
+                torch_mask,
+            )
     if kind in ("padding", "both"):
         is_pad = torch.rand(case.batch, case.t, generator=case.generator()) < 0.4
         is_pad[:, 0] = False
@@ -79,7 +84,9 @@ def run_attention(module, x, masks, need_weights, average, cotangents):
     """out, weights and the gradients of a random projection of both, wrt x and every parameter."""
     x = x.clone().requires_grad_()
     if isinstance(module, nn.MultiheadAttention):
-        out, weights = module(x, x, x, need_weights=need_weights, average_attn_weights=average, **masks)
+        out, weights = module(
+            x, x, x, need_weights=need_weights, average_attn_weights=average, **masks
+        )
     else:
         out, weights = module(x, need_weights=need_weights, average_attn_weights=average, **masks)
     loss = (out * cotangents[0]).sum()
@@ -92,8 +99,9 @@ def run_attention(module, x, masks, need_weights, average, cotangents):
 def attention_cotangents(case):
     generator = torch.Generator().manual_seed(case.seed + 1)
     out = torch.randn(case.batch, case.t, case.d_model, generator=generator, dtype=torch.float64)
-    weights = torch.randn(case.batch * case.n_heads * case.t * case.t, generator=generator,
-                          dtype=torch.float64)
+    weights = torch.randn(
+        case.batch * case.n_heads * case.t * case.t, generator=generator, dtype=torch.float64
+    )
     return out.to(case.dtype), weights.to(case.dtype)
 
 
@@ -108,17 +116,34 @@ def assert_attention_equal(hand, reference, hand_result, reference_result, dtype
     torch.testing.assert_close(x_grad, ref_x_grad, **GRAD_TOL[dtype])
     reference_params = dict(reference.named_parameters())
     for name, param in hand.named_parameters():
-        torch.testing.assert_close(param.grad, reference_params[reference_key(name)].grad,
-                                   **GRAD_TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            param.grad,
+            reference_params[reference_key(name)].grad,
+            **GRAD_TOL[dtype],
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 @settings(max_examples=200)
-@given(case=attention_cases(), kind=st.sampled_from(MASK_KINDS), boolean=st.booleans(),
-       need_weights=st.booleans(), average=st.booleans(), source=st.sampled_from(("hand", "ref")))
-@with_examples(ATTENTION_EXAMPLES, kind="both", boolean=False, need_weights=True, average=False,
-               source="hand")
-@with_examples(ATTENTION_EXAMPLES[:2], kind="causal", boolean=True, need_weights=False,
-               average=True, source="ref")
+@given(
+    case=attention_cases(),
+    kind=st.sampled_from(MASK_KINDS),
+    boolean=st.booleans(),
+    need_weights=st.booleans(),
+    average=st.booleans(),
+    source=st.sampled_from(("hand", "ref")),
+)
+@with_examples(
+    ATTENTION_EXAMPLES, kind="both", boolean=False, need_weights=True, average=False, source="hand"
+)
+@with_examples(
+    ATTENTION_EXAMPLES[:2],
+    kind="causal",
+    boolean=True,
+    need_weights=False,
+    average=True,
+    source="ref",
+)
 def test_attention_matches_mha_in_train_mode(case, kind, boolean, need_weights, average, source):
     """Outputs, averaged or per-head weights, and gradients of the input and of every parameter,
     in training mode (dropout 0: MHA's slow path), with no mask, causal, padding and both."""
@@ -126,7 +151,8 @@ def test_attention_matches_mha_in_train_mode(case, kind, boolean, need_weights, 
     hand_masks, reference_masks = attention_masks(case, kind, boolean)
     x, cotangents = attention_input(case), attention_cotangents(case)
     assert_attention_equal(
-        hand, reference,
+        hand,
+        reference,
         run_attention(hand, x, hand_masks, need_weights, average, cotangents),
         run_attention(reference, x, reference_masks, need_weights, average, cotangents),
         case.dtype,
@@ -146,25 +172,39 @@ def test_attention_per_head_weights_average_to_mha_weights():
 
 
 def fast_path_spy():
-    return mock.patch.object(torch, "_native_multi_head_attention",
-                             wraps=torch._native_multi_head_attention)
+    return mock.patch.object(
+        torch, "_native_multi_head_attention", wraps=torch._native_multi_head_attention
+    )
 
 
 @settings(max_examples=100)
-@given(case=attention_cases(heads=(2, 4, 8)), kind=st.sampled_from(MASK_KINDS),
-       need_weights=st.booleans(), average=st.booleans())
-@with_examples(ATTENTION_EXAMPLES, keep=lambda case: case.n_heads % 2 == 0, kind="both",
-               need_weights=True, average=False)
+@given(
+    case=attention_cases(heads=(2, 4, 8)),
+    kind=st.sampled_from(MASK_KINDS),
+    need_weights=st.booleans(),
+    average=st.booleans(),
+)
+@with_examples(
+    ATTENTION_EXAMPLES,
+    keep=lambda case: case.n_heads % 2 == 0,
+    kind="both",
+    need_weights=True,
+    average=False,
+)
 def test_attention_matches_mha_fast_path(case, kind, need_weights, average):
-    """Eval mode under inference_mode with boolean masks: MHA's native fast path, proven by a spy."""
+    """Eval mode under inference_mode with boolean masks: MHA's native fast path, proven by a
+    spy."""
     hand, reference = attention_pair(case)
     hand.eval(), reference.eval()
     hand_masks, reference_masks = attention_masks(case, kind, boolean=True)
     x = attention_input(case)
     with torch.inference_mode(), fast_path_spy() as spy:
-        ref_out, ref_weights = reference(x, x, x, need_weights=need_weights,
-                                         average_attn_weights=average, **reference_masks)
-        out, weights = hand(x, need_weights=need_weights, average_attn_weights=average, **hand_masks)
+        ref_out, ref_weights = reference(
+            x, x, x, need_weights=need_weights, average_attn_weights=average, **reference_masks
+        )
+        out, weights = hand(
+            x, need_weights=need_weights, average_attn_weights=average, **hand_masks
+        )
     assert spy.call_count == 1, "nn.MultiheadAttention did not take its fast path"
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref_out, **FORWARD_TOL[case.dtype])
@@ -194,10 +234,14 @@ def test_attention_matches_mha_with_fast_path_disabled(case, kind):
 
 
 @settings(max_examples=100)
-@given(case=attention_cases(dtypes=(torch.float32,)), scale=st.sampled_from((0.3, 1.0)),
-       kind=st.sampled_from(MASK_KINDS))
-@with_examples(ATTENTION_EXAMPLES, keep=lambda case: case.dtype == torch.float32, scale=1.0,
-               kind="both")
+@given(
+    case=attention_cases(dtypes=(torch.float32,)),
+    scale=st.sampled_from((0.3, 1.0)),
+    kind=st.sampled_from(MASK_KINDS),
+)
+@with_examples(
+    ATTENTION_EXAMPLES, keep=lambda case: case.dtype == torch.float32, scale=1.0, kind="both"
+)
 def test_attention_with_large_weights_meets_pytorch_fp32_rule(case, scale, kind):
     """Weights far from their initial spread, as after training (noise N(0, 0.3²) or N(0, 1) added
     to every parameter): fp32 error against a float64 run of MHA is at most max(1e-5, 5 x MHA's
@@ -243,8 +287,9 @@ def test_fully_masked_row_matches_sdpa_rule_of_mha():
     theirs = run_attention(reference, x, masks, False, True, cotangents)
     assert_attention_equal(hand, reference, ours, theirs, case.dtype)
     assert torch.isfinite(theirs[0]).all()
-    torch.testing.assert_close(ours[0][0], hand.out_proj.bias.detach().expand(case.t, -1),
-                               **FORWARD_TOL[case.dtype])
+    torch.testing.assert_close(
+        ours[0][0], hand.out_proj.bias.detach().expand(case.t, -1), **FORWARD_TOL[case.dtype]
+    )
 
 
 # --------------------------------------------------------------------------------- model level
@@ -273,8 +318,12 @@ def test_model_matches_reference(case, source):
     reference_params = dict(reference.named_parameters())
     for name, param in hand.named_parameters():
         assert torch.isfinite(param.grad).all(), name
-        torch.testing.assert_close(param.grad, reference_params[reference_key(name)].grad,
-                                   **GRAD_TOL[case.dtype], msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            param.grad,
+            reference_params[reference_key(name)].grad,
+            **GRAD_TOL[case.dtype],
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 @settings(max_examples=75)
@@ -295,8 +344,9 @@ def test_model_with_large_weights_meets_pytorch_fp32_rule(case, scale):
     idx = case.tokens()
     targets = torch.roll(idx, -1, dims=1)
     golden = model_loss(reference64, idx, targets)
-    assert_golden("logits", model_loss(hand32, idx, targets), model_loss(reference32, idx, targets),
-                  golden)
+    assert_golden(
+        "logits", model_loss(hand32, idx, targets), model_loss(reference32, idx, targets), golden
+    )
     params64, params32 = dict(reference64.named_parameters()), dict(reference32.named_parameters())
     for name, param in hand32.named_parameters():
         key = reference_key(name)
@@ -343,12 +393,20 @@ def test_same_parameters_one_for_one(case):
     assert parameter_table(hand) == parameter_table(reference)
 
 
-SEED_TABLE = [("positional", 1024), ("embedding", 1280)] + [
-    row for n in range(2) for row in (
-        (f"blocks.{n}.attention", 4224), (f"blocks.{n}.norm1", 64),
-        (f"blocks.{n}.mlp", 4192), (f"blocks.{n}.norm2", 64),
-    )
-] + [("lm_head", 1320)]
+SEED_TABLE = (
+    [("positional", 1024), ("embedding", 1280)]
+    + [
+        row
+        for n in range(2)
+        for row in (
+            (f"blocks.{n}.attention", 4224),
+            (f"blocks.{n}.norm1", 64),
+            (f"blocks.{n}.mlp", 4192),
+            (f"blocks.{n}.norm2", 64),
+        )
+    ]
+    + [("lm_head", 1320)]
+)
 
 
 @pytest.mark.parametrize("build", ("hand", "reference"))
@@ -375,7 +433,10 @@ def test_copy_weights_leaves_no_parameter_behind(source):
     src, dst = (hand, reference) if source == "hand" else (reference, hand)
     before = {n: p.detach().clone() for n, p in dst.named_parameters()}
     copy_weights(src, dst)
-    hand_params, reference_params = dict(hand.named_parameters()), dict(reference.named_parameters())
+    hand_params, reference_params = (
+        dict(hand.named_parameters()),
+        dict(reference.named_parameters()),
+    )
     for name, param in hand_params.items():
         assert torch.equal(param, reference_params[reference_key(name)]), name
     for name, param in dst.named_parameters():
@@ -415,9 +476,13 @@ def test_copy_weights_refuses_non_pairs():
     hand, reference = model_pair(config, torch.float32, 0)
     other_hand, other_reference = model_pair(config, torch.float32, 1)
     attention = MultiHeadAttention(config.d_model, config.n_heads)
-    for src, dst in ((hand, other_hand), (reference, other_reference),
-                     (MultiHeadAttention(8, 2), MultiHeadAttention(8, 2)),
-                     (attention, nn.Linear(config.d_model, config.d_model)),
-                     (hand, reference.blocks[0].attention), (reference, attention)):
+    for src, dst in (
+        (hand, other_hand),
+        (reference, other_reference),
+        (MultiHeadAttention(8, 2), MultiHeadAttention(8, 2)),
+        (attention, nn.Linear(config.d_model, config.d_model)),
+        (hand, reference.blocks[0].attention),
+        (reference, attention),
+    ):
         with pytest.raises(TypeError, match="hand-written module and its reference twin"):
             copy_weights(src, dst)

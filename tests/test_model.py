@@ -1,4 +1,6 @@
-"""The decoder model: shapes, input validation, initialisation, the loss, dropout, the mask buffer."""
+"""The decoder model: shapes, input validation, initialisation, the loss, dropout, the mask
+buffer, compiling whole, hook order, old checkpoint names, tied embeddings, attention-only
+blocks."""
 
 from __future__ import annotations
 
@@ -32,13 +34,20 @@ def test_forward_gives_finite_logits_of_shape_b_t_v(case):
 BAD_INPUTS = {
     "id = vocab_size": (torch.tensor([[0, 40]]), r"token id 40 is outside the vocabulary 0\.\.39"),
     "negative id": (torch.tensor([[-1, 3]]), r"token id -1 is outside the vocabulary 0\.\.39"),
-    "t > max_seq": (torch.zeros(1, 33, dtype=torch.long),
-                    r"sequence length 33 is outside 1\.\.max_seq=32"),
+    "t > max_seq": (
+        torch.zeros(1, 33, dtype=torch.long),
+        r"sequence length 33 is outside 1\.\.max_seq=32",
+    ),
     "t = 0": (torch.zeros(1, 0, dtype=torch.long), r"sequence length 0 is outside 1\.\.max_seq=32"),
     "float ids": (torch.zeros(1, 4), r"int64 or int32 tensor, got dtype torch\.float32"),
-    "bool ids": (torch.zeros(1, 4, dtype=torch.bool), r"int64 or int32 tensor, got dtype torch\.bool"),
-    "uint8 ids": (torch.zeros(1, 4, dtype=torch.uint8),
-                  r"int64 or int32 tensor, got dtype torch\.uint8"),
+    "bool ids": (
+        torch.zeros(1, 4, dtype=torch.bool),
+        r"int64 or int32 tensor, got dtype torch\.bool",
+    ),
+    "uint8 ids": (
+        torch.zeros(1, 4, dtype=torch.uint8),
+        r"int64 or int32 tensor, got dtype torch\.uint8",
+    ),
     "1-D ids": (torch.zeros(4, dtype=torch.long), r"shape \(batch, time\), got \(4,\)"),
     "3-D ids": (torch.zeros(1, 2, 3, dtype=torch.long), r"shape \(batch, time\), got \(1, 2, 3\)"),
 }
@@ -64,7 +73,9 @@ def test_int32_ids_give_the_same_logits_as_int64():
 INIT_CONFIGS = {
     "seed": SEED_CONFIG,
     "shakespeare-cpu": ModelConfig.preset("shakespeare-cpu"),
-    "wide-heads": ModelConfig(vocab_size=50, d_model=96, n_heads=3, n_layers=1, d_ff=200, max_seq=40),
+    "wide-heads": ModelConfig(
+        vocab_size=50, d_model=96, n_heads=3, n_layers=1, d_ff=200, max_seq=40
+    ),
 }
 
 
@@ -80,7 +91,9 @@ def xavier_std(weight: torch.Tensor) -> float:
     return math.sqrt(2.0 / (fan_in + fan_out))
 
 
-@pytest.mark.parametrize("build", (TinyDecoderModel, ReferenceDecoderModel), ids=("hand", "reference"))
+@pytest.mark.parametrize(
+    "build", (TinyDecoderModel, ReferenceDecoderModel), ids=("hand", "reference")
+)
 @pytest.mark.parametrize("config", INIT_CONFIGS.values(), ids=INIT_CONFIGS.keys())
 def test_every_matrix_is_xavier_normal(config, build):
     """Each initialised matrix has mean 0 and std √(2 / (fan_in + fan_out)) within 5 standard
@@ -100,7 +113,9 @@ def test_every_matrix_is_xavier_normal(config, build):
     assert sum("attention" in name for name in names) == 2 * config.n_layers
 
 
-@pytest.mark.parametrize("build", (TinyDecoderModel, ReferenceDecoderModel), ids=("hand", "reference"))
+@pytest.mark.parametrize(
+    "build", (TinyDecoderModel, ReferenceDecoderModel), ids=("hand", "reference")
+)
 def test_biases_start_at_zero_and_layernorms_at_one_and_zero(build):
     model = build(replace(SEED_CONFIG, norm_first=True))
     norms = 0
@@ -168,8 +183,9 @@ def test_forward_and_loss_compile_whole():
 
     torch.manual_seed(0)
     model = TinyDecoderModel(ModelConfig.preset("shakespeare-cpu", vocab_size=40, n_layers=2))
-    step = torch.compile(lambda x, y: next_token_loss(model(x), y), backend=counting_backend,
-                         fullgraph=True)
+    step = torch.compile(
+        lambda x, y: next_token_loss(model(x), y), backend=counting_backend, fullgraph=True
+    )
     x, y = torch.randint(40, (2, 16)), torch.randint(40, (2, 16))
     torch.testing.assert_close(step(x, y), next_token_loss(model(x), y))
     assert len(calls) == 1
@@ -180,8 +196,11 @@ def test_hook_names_follow_the_order_hooks_fire():
     for config in (SEED_CONFIG, ModelConfig.preset("shakespeare-cpu", vocab_size=40, n_layers=2)):
         model = TinyDecoderModel(config)
         fired = []
-        handles = [module.register_forward_hook(lambda m, i, o, name=name: fired.append(name))
-                   for name, module in model.named_modules() if name in set(hook_names(model))]
+        handles = [
+            module.register_forward_hook(lambda m, i, o, name=name: fired.append(name))
+            for name, module in model.named_modules()
+            if name in set(hook_names(model))
+        ]
         model(torch.randint(40, (1, 8)))
         for handle in handles:
             handle.remove()
