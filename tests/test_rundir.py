@@ -61,7 +61,11 @@ def test_pruning_keeps_the_newest_n(tmp_path):
 
 def test_resume_from_picks_the_newest_or_refuses_a_fresh_start_over_a_run(tmp_path):
     run = RunDir(tmp_path / "r")
-    assert run.resume_from(resume=False) is None and run.resume_from(resume=True) is None
+    assert run.resume_from(resume=False) is None
+    # A mistyped --name with --resume must not start a new run silently.
+    with pytest.raises(CheckpointError, match=r"cannot resume: run directory .*r' holds no "
+                                              r"checkpoint; check --name, or drop --resume"):
+        run.resume_from(resume=True)
     _save(run, 7)
     assert run.resume_from(resume=True).name == "ckpt-00000007"
     with pytest.raises(CheckpointError, match="already has checkpoints; pass --resume"):

@@ -141,6 +141,10 @@ def _serialise(model: nn.Module, tokenizer: Tokenizer, step: int, state: dict[st
 
 
 def _disk_full_message(run_dir: Path, final: Path) -> str:
+    if final.exists():  # only the fsync of the run directory, after the rename, failed
+        return (f"checkpoint {str(final)!r} was written, but syncing {str(run_dir)!r} failed: no "
+                f"space left on the device; the checkpoint is complete but may not survive a "
+                f"power cut.")
     kept = checkpoint_dirs(run_dir)
     previous = (f"the previous checkpoint {str(kept[-1])!r} is intact" if kept
                 else "no earlier checkpoint exists")
