@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tinygpt.files import DiskFullError, exclusive_lock, fsync_dir, is_disk_full, make_temp_dir
+from tinygpt.files import (
+    DiskFullError,
+    exclusive_lock,
+    follow_umask,
+    fsync_dir,
+    is_disk_full,
+    make_temp_dir,
+)
 from tinygpt.model import TinyDecoderModel, next_token_loss
 from tinygpt.train import NonFiniteLossError
 
@@ -135,7 +142,8 @@ def save_lora(peft_model: nn.Module, directory: str | Path) -> Path:
     tmp = make_temp_dir(directory.parent, f".tmp-{directory.name}-")
     try:
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        for file in tmp.iterdir():
+        for file in tmp.iterdir():  # safetensors writes 0600 whatever the umask: reset it
+            follow_umask(file)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(tmp)
