@@ -2,18 +2,24 @@
 metrics file cut back to the resumed step."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from tinygpt.checkpoint import CheckpointError
 from tinygpt.config import ModelConfig
+from tinygpt.files import LockedError
 from tinygpt.model import TinyDecoderModel
-from tinygpt.rundir import RunDir
+from tinygpt.rundir import RunDir, check_run_name
 from tinygpt.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.from_text("abcdefg \n")
 CONFIG = ModelConfig.preset("seed", vocab_size=TOKENIZER.vocab_size, max_seq=8)
+_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _save(run, step):
@@ -98,3 +104,59 @@ def test_loss_curve_is_drawn_from_the_metrics(tmp_path):
         run.append_metrics({"step": step, "train_loss": 2.0 / step, "val_loss": 2.5 / step})
     assert run.plot_loss_curve() == tmp_path / "loss_curve.png"
     assert run.loss_curve_path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["a/b", "", ".", "..", "../x", "/abs", "a\0b"])
+def test_run_names_must_be_one_plain_directory_name(name):
+    with pytest.raises(ValueError, match="must be one plain directory name"):
+        check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["r", "gpt2-20260101", "a.b", "..x", "ünï"])
+def test_plain_run_names_pass(name):
+    assert check_run_name(name) == name
+
+
+def test_metrics_refuse_numbers_json_cannot_hold(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        run.append_metrics({"step": 1, "lr": float("inf")})
+    assert not run.metrics_path.exists() or run.metrics_path.read_text() == ""
+
+
+def test_a_fresh_start_empties_the_metrics(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_metrics({"step": 1, "train_loss": 3.0})
+    run.truncate_metrics(0)
+    assert run.read_metrics() == [] and run.metrics_path.read_text() == ""
+
+
+def _holder(path):
+    """A separate process that takes the run's lock, says so, and waits on its stdin."""
+    code = ("import sys; from tinygpt.rundir import RunDir\n"
+            f"with RunDir({str(path)!r}).lock():\n"
+            "    print('locked', flush=True); sys.stdin.read()\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=_ENV)
+    assert process.stdout.readline() == "locked\n"
+    return process
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """A second process is refused with the holder's pid; once the holder is killed (SIGKILL:
+    no clean-up runs) the kernel has dropped the lock and the run can be taken."""
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(LockedError, match=rf"run directory '{tmp_path}' is in use by process "
+                                              rf"{holder.pid} \(lock '{tmp_path / '.lock'}'\)"):
+            with RunDir(tmp_path).lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDir(tmp_path).lock():
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    holder = _holder(tmp_path)  # released on a clean exit too
+    holder.communicate("")
+    with RunDir(tmp_path).lock():
+        pass
