@@ -261,11 +261,12 @@ def test_gpt2_preset_has_gpt2_smalls_published_parameter_count():
 
 # ------------------------------------------------------------------ dropout at every site, alone
 
-def _dropped(observed: Tensor, undropped: Tensor, scale: float) -> float:
+def _dropped(site: str, observed: Tensor, undropped: Tensor, scale: float) -> float:
     """The fraction of `undropped` that dropout zeroed in `observed`, after checking that every
     other entry was multiplied by `scale` (1 / (1 - p) in training, 1 in eval)."""
     kept = observed != 0
-    torch.testing.assert_close(observed[kept], scale * undropped[kept], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(observed[kept], scale * undropped[kept], rtol=1e-5, atol=1e-6,
+                               msg=lambda text: f"{site}: {text}")
     live = undropped != 0
     return float((~kept & live).sum() / live.sum())
 
@@ -311,11 +312,11 @@ def test_dropout_fires_at_each_of_its_four_sites_in_training(training):
         attn_out = heads_joined @ attention.out_proj.weight.T + attention.out_proj.bias
         mlp_out = mlp(seen[f"{block}.hook_resid_mid"])
     scale = 2.0 if training else 1.0
-    fractions = {
-        "embedding": _dropped(seen[f"{block}.hook_resid_pre"], embedded, scale),
-        "attention weights": _dropped(seen[f"{block}.attention.hook_pattern"], weights, scale),
-        "attention output": _dropped(seen[f"{block}.hook_attn_out"], attn_out, scale),
-        "mlp output": _dropped(seen[f"{block}.hook_mlp_out"], mlp_out, scale),
-    }
+    observed = {"embedding": (f"{block}.hook_resid_pre", embedded),
+                "attention weights": (f"{block}.attention.hook_pattern", weights),
+                "attention output": (f"{block}.hook_attn_out", attn_out),
+                "mlp output": (f"{block}.hook_mlp_out", mlp_out)}
+    fractions = {site: _dropped(site, seen[hook], undropped, scale)
+                 for site, (hook, undropped) in observed.items()}
     for site, fraction in fractions.items():
         assert (0.4 < fraction < 0.6) if training else fraction == 0.0, (site, fractions)
