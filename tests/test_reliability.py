@@ -158,8 +158,9 @@ def test_command_exit_code_and_message(name, trained, tmp_path, capsys, monkeypa
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
+    files = sorted((root / "runs" / "r").rglob("*"))
     return {str(p.relative_to(root)): p.read_bytes()
-            for p in sorted((root / "runs" / "r").rglob("*")) if p.is_file() and not p.name.endswith("lock")}
+            for p in files if p.is_file() and not p.name.endswith("lock")}
 
 
 def _check_after(then: str | None, root: Path, before: dict[str, bytes]) -> None:
@@ -216,3 +217,49 @@ def _run_fresh(argv: list[str], signal_after: str | None) -> tuple[int, str]:
         process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=240)
     return process.returncode, err
+
+
+def _can_mount_tmpfs() -> bool:
+    """Whether this user may make a private mount namespace (unshare -rm) to mount a tmpfs in:
+    many Linux hosts allow it unprivileged, some (AppArmor-restricted ones) do not."""
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no unprivileged mount namespace to mount a "
+                                                   "small tmpfs in (unshare -rm)")
+@pytest.mark.parametrize("size_kib, message", [
+    (128, r"tinygpt: error: cannot write checkpoint '{runs}/r/ckpt-00000002': no space left on "
+          r"the device; the partial copy was removed and the previous checkpoint "
+          r"'{runs}/r/ckpt-00000001' is intact\.$"),
+    (48, r"tinygpt: error: cannot write checkpoint '{runs}/r/ckpt-00000001': no space left on "
+         r"the device; the partial copy was removed and no earlier checkpoint exists\.$"),
+])
+def test_a_really_full_disk(tmp_path, size_kib, message):
+    """The same guarantee on a real full file system: a tmpfs of `size_kib` KiB (one checkpoint
+    of this model takes about 76 KiB there) as --runs-dir, mounted in a private namespace. What
+    the run directory holds afterwards is listed from inside the namespace."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    argv = [a.format(dir=tmp_path) for a in _train("--steps", "3", "--save-every", "1")]
+    listing = ("import sys; from pathlib import Path; "
+               "from tinygpt.checkpoint import checkpoint_dirs, load_checkpoint; "
+               "run = Path(sys.argv[1]) / 'r'; found = checkpoint_dirs(run); "
+               "print(load_checkpoint(run).step if found else None, "
+               "sorted(p.name for p in run.iterdir() if p.name.startswith('.tmp')))")
+    script = (f'mount -t tmpfs -o size={size_kib}k tmpfs "$1" || exit 99\n'
+              f'"$2" -m tinygpt "${{@:4}}" 2> "$3/err"; echo $? > "$3/code"\n'
+              f'"$2" -c "{listing}" "$1" > "$3/after"\n')
+    done = subprocess.run(["unshare", "-rm", "bash", "-c", script, "bash", str(runs),
+                           sys.executable, str(tmp_path), *argv], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    err = (tmp_path / "err").read_text()
+    assert (tmp_path / "code").read_text() == "2\n", err[-2000:]
+    assert "Traceback" not in err
+    assert re.search(message.format(runs=re.escape(str(runs))), err.splitlines()[-1]), err[-2000:]
+    step, temporaries = (tmp_path / "after").read_text().rsplit(" ", 1)
+    assert (step, temporaries.strip()) == ("1" if size_kib == 128 else "None", "[]")
