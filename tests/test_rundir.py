@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,33 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
         holder.wait()
     with RunDir(tmp_path).lock():
         assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
-    holder = _holder(tmp_path)  # released on a clean exit too
+    holder = _holder(tmp_path)  # released on a clean exit too, and the file deleted
     holder.communicate("")
+    assert not (tmp_path / ".lock").exists()
     with RunDir(tmp_path).lock():
         pass
+
+
+def test_a_lock_file_deleted_under_a_contender_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    """A contender opens the lock file just as its holder finishes and deletes it, and a third
+    process locks the new file: the contender's flock on the deleted file succeeds, but it must
+    see that the path now names another file, and be refused by the third process's lock."""
+    import fcntl
+
+    import tinygpt.files as files
+
+    path = tmp_path / ".lock"
+    path.write_text("")  # the file of a holder that is about to finish
+    real, third, started = fcntl.flock, ExitStack(), []
+
+    def flock(fd, operation):
+        if not started:  # once only: the third process's own flock is the real one
+            started.append(True)
+            path.unlink()  # the holder finishes
+            third.enter_context(files.exclusive_lock(path, "the run"))  # the third one starts
+        return real(fd, operation)
+
+    monkeypatch.setattr(files.fcntl, "flock", flock)
+    with third, pytest.raises(LockedError, match=f"the run is in use by process {os.getpid()} "):
+        with files.exclusive_lock(path, "the run"):
+            pass

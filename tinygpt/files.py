@@ -101,26 +101,44 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 @contextmanager
 def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive `flock` on `lock_path` (created if needed) for the `with` block, or raise
-    `LockedError` naming the holder's pid at once if another process holds it.
+    """Hold an exclusive `flock` on the file `lock_path` for the `with` block, or raise
+    `LockedError` at once, naming the holder's pid (which the holder writes into the file).
 
     The kernel drops an flock when its holder's descriptor closes, and so when the process dies,
-    even by SIGKILL: a crash never leaves a stale lock. The file stays (deleting it would let two
-    processes lock two different files of the same name); it holds the last holder's pid.
+    even by SIGKILL: a crash never leaves a stale lock, only a stale file that the next holder
+    reuses. A clean exit deletes the file while still holding the lock; a process that opened
+    the old file in the meantime sees, once it gets the lock, that the path names another file
+    (or none) and starts again on the new one, so two processes never both hold "the" lock.
     """
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _lock_current_file(lock_path, what)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise LockedError(
-                f"{what} is in use by process {holder} (lock {str(lock_path)!r}); wait for it to "
-                f"finish or choose another name."
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         yield
     finally:
+        lock_path.unlink(missing_ok=True)
         os.close(fd)  # releases the lock
+
+
+def _lock_current_file(lock_path: Path, what: str) -> int:
+    """A descriptor of the file now at `lock_path`, exclusively flocked."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"{what} is in use by process {holder} (lock {str(lock_path)!r}); wait for it to "
+                f"finish or choose another name."
+            ) from None
+        try:
+            ours = os.stat(lock_path)
+            mine = os.fstat(fd)
+            if (ours.st_dev, ours.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder deleted this file as it finished: lock the new one

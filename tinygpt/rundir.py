@@ -4,7 +4,7 @@
         ckpt-STEP/          the newest checkpoints (see `tinygpt.checkpoint` for the files)
         metrics.jsonl       one JSON object per step: step, train_loss, lr, ... (val_loss at times)
         loss_curve.png      train and validation loss against step
-        .lock               locked (flock) by the process writing the run; holds its pid
+        .lock               while a process writes the run: locked by it (flock), its pid
 
 The trainer asks a `RunDir` which checkpoint to resume from, to save and prune, and to log a
 step; it never lists or rewrites the files itself. Checkpoints are written through

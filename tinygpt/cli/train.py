@@ -78,11 +78,11 @@ def handle(args: argparse.Namespace) -> None:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"step {result.step}{val}; checkpoint {result.checkpoint}; "
               f"loss curve {run_dir / 'loss_curve.png'}")
-    exit_if_interrupted(result.interrupted, f"saved step {result.step} to {result.checkpoint}",
-                        report=rank == 0)
+    _exit_if_interrupted(result.interrupted, f"saved step {result.step} to {result.checkpoint}",
+                         report=rank == 0)
 
 
-def exit_if_interrupted(signal_name: str | None, saved: str, *, report: bool = True) -> None:
+def _exit_if_interrupted(signal_name: str | None, saved: str, *, report: bool = True) -> None:
     """End a command that a signal stopped after it saved its work: SIGINT as any Ctrl-C does
     (exit 130), SIGTERM with one line on stderr and exit 143 (128 + 15, what a shell reports
     for a process that SIGTERM killed, so schedulers and `timeout` see what happened)."""
