@@ -187,3 +187,30 @@ def test_a_lock_file_deleted_under_a_contender_is_not_taken_for_the_lock(tmp_pat
     with third, pytest.raises(LockedError, match=f"the run is in use by process {os.getpid()} "):
         with files.exclusive_lock(path, "the run"):
             pass
+
+
+def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from tinygpt.files import DiskFullError
+
+    run = RunDir(tmp_path)
+    run.append_metrics({"step": 1, "train_loss": 1.0})
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(tmp_path)) and mode in ("a", "w"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(DiskFullError, match=rf"^cannot append to '{run.metrics_path}': no space "
+                                            rf"left on the device\.$"):
+        run.append_metrics({"step": 2, "train_loss": 0.5})
+    with pytest.raises(DiskFullError, match=rf"^cannot rewrite '{run.metrics_path}': no space "
+                                            rf"left on the device; the file was left as it was\.$"):
+        run.truncate_metrics(0)
+    monkeypatch.undo()
+    assert run.read_metrics() == [{"step": 1, "train_loss": 1.0}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
