@@ -1,6 +1,7 @@
 """Checkpoints: round trip, atomic layout, a write cut at every file operation, tamper and
 malicious-pickle refusal, latest run."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -10,7 +11,6 @@ import torch
 
 from tinygpt.checkpoint import (
     CheckpointError,
-    _sha256,
     checkpoint_dirs,
     latest_run,
     load_checkpoint,
@@ -28,6 +28,10 @@ CONFIG = ModelConfig.preset("seed", vocab_size=TOKENIZER.vocab_size, max_seq=8)
 def _model(seed=0):
     torch.manual_seed(seed)
     return TinyDecoderModel(CONFIG)
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _save(run_dir, step=5, model=None, **kwargs):
@@ -193,9 +197,8 @@ def _save_cut_at(run, cut, model, monkeypatch):
         return probed
 
     with monkeypatch.context() as patch:
-        for name in ("save_file", "_write_json", "_fsync_file", "_fsync_dir"):
+        for name in ("make_temp_dir", "_write_bytes", "_write_json", "_fsync_dir"):
             patch.setattr(module, name, probe(name, getattr(module, name)))
-        patch.setattr(torch, "save", probe("torch.save", torch.save))
         patch.setattr(os, "rename", probe("os.rename", os.rename))
         try:
             _save(run, step=2, model=model)
@@ -225,7 +228,145 @@ def test_a_write_cut_at_any_file_operation_leaves_only_complete_checkpoints(tmp_
         if "os.rename" not in calls[:-1]:  # cut before the rename into place
             assert [p.name for p in checkpoint_dirs(run)] == ["ckpt-00000001"]
     # Every kind of operation was cut, the manifest (the last JSON) before the rename.
-    assert calls is None and {"save_file", "torch.save", "_fsync_file", "_write_json",
-                              "_fsync_dir", "os.rename"} <= set(cut_names)
+    assert calls is None and {"make_temp_dir", "_write_bytes", "_write_json", "_fsync_dir",
+                              "os.rename"} <= set(cut_names)
     manifest = max(i for i, name in enumerate(cut_names) if name == "_write_json")
     assert manifest < cut_names.index("os.rename")
+
+
+# --- a full disk, a reader racing a pruning writer, permissions -------------------------------
+
+def _no_space_at(cut, monkeypatch):
+    """Make the `cut`-th disk operation of a checkpoint write (a directory made, a file written,
+    a directory fsynced) raise ENOSPC, as a full disk does; returns the list of calls made."""
+    import errno
+
+    import tinygpt.checkpoint as module
+
+    calls = []
+
+    def full(name, operation):
+        def probed(*args, **kwargs):
+            calls.append(name)
+            if len(calls) == cut:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return operation(*args, **kwargs)
+        return probed
+
+    for name in ("make_temp_dir", "_write_bytes", "_fsync_dir"):
+        monkeypatch.setattr(module, name, full(name, getattr(module, name)))
+    return calls
+
+
+def test_a_full_disk_at_any_write_says_so_and_keeps_the_previous_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    """ENOSPC at each disk operation of the write in turn: one sentence naming the checkpoint and
+    the full disk and saying the previous checkpoint is intact; no temporary left; checkpoint 1
+    still loads unchanged."""
+    from tinygpt.files import DiskFullError
+
+    old, new = _model(0), _model(1)
+    seen, after_rename = set(), 0
+    for cut in range(1, 100):
+        run = tmp_path / f"cut-{cut}"
+        _save(run, step=1, model=old)
+        with monkeypatch.context() as patch:
+            calls = _no_space_at(cut, patch)
+            try:
+                _save(run, step=2, model=new)
+            except DiskFullError as error:
+                message = str(error)
+            else:
+                break
+        seen.add(calls[-1])
+        if (run / "ckpt-00000002").exists():  # only the last fsync, after the rename, failed
+            assert message == (
+                f"checkpoint '{run / 'ckpt-00000002'}' was written, but syncing '{run}' failed: "
+                f"no space left on the device; the checkpoint is complete but may not survive a "
+                f"power cut.")
+            assert load_checkpoint(run).step == 2
+            after_rename += 1
+            continue
+        assert message == (
+            f"cannot write checkpoint '{run / 'ckpt-00000002'}': no space left on the device; "
+            f"the partial copy was removed and the previous checkpoint "
+            f"'{run / 'ckpt-00000001'}' is intact."), message
+        assert sorted(p.name for p in run.iterdir()) == ["ckpt-00000001"]
+        loaded = load_checkpoint(run)
+        assert loaded.step == 1 and all(
+            torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(),
+                                              old.state_dict().values()))
+    assert cut > 7 and seen == {"make_temp_dir", "_write_bytes", "_fsync_dir"} and after_rename == 1
+
+
+def test_a_full_disk_at_the_first_save_says_no_earlier_checkpoint(tmp_path, monkeypatch):
+    from tinygpt.files import DiskFullError
+
+    _no_space_at(2, monkeypatch)
+    with pytest.raises(DiskFullError, match=r"no space left on the device; the partial copy was "
+                                            r"removed and no earlier checkpoint exists\.$"):
+        _save(tmp_path, step=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _prune_under_the_reader(run, monkeypatch, hook):
+    """Patch `hook` of the checkpoint module so that, the first time it runs, a trainer saves
+    checkpoint 2 and prunes checkpoint 1, which the reader has already chosen."""
+    import tinygpt.checkpoint as module
+
+    original, fired = getattr(module, hook), []
+
+    def racing(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not fired:
+            fired.append(True)
+            monkeypatch.setattr(module, hook, original)
+            _save(run, step=2, model=_model(2))  # keep=1: checkpoint 1 is deleted
+            assert [p.name for p in checkpoint_dirs(run)] == ["ckpt-00000002"]
+        return result
+
+    monkeypatch.setattr(module, hook, racing)
+    return fired
+
+
+def test_a_checkpoint_pruned_after_it_was_verified_still_loads(tmp_path, monkeypatch):
+    """The trainer deletes the checkpoint between the hash check and the model's construction:
+    the model is built from the bytes that were verified, so the deletion cannot matter."""
+    _save(tmp_path, step=1, model=_model(1))
+    fired = _prune_under_the_reader(tmp_path, monkeypatch, "_read_verified")
+    loaded = load_checkpoint(tmp_path)
+    assert fired and loaded.step == 1 and not loaded.path.exists()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(),
+                                                 _model(1).state_dict().values()))
+
+
+def test_a_checkpoint_pruned_while_it_is_read_sends_the_reader_to_the_newer_one(tmp_path,
+                                                                               monkeypatch):
+    """The trainer deletes the checkpoint after its manifest was read, before its files were:
+    the reader finds the directory gone and loads the checkpoint that replaced it."""
+    _save(tmp_path, step=1, model=_model(1))
+    fired = _prune_under_the_reader(tmp_path, monkeypatch, "_read_bytes")
+    loaded = load_checkpoint(tmp_path)
+    assert fired and loaded.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(),
+                                                 _model(2).state_dict().values()))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoint_permissions_follow_the_umask(tmp_path, umask):
+    """Like every other file of a run: 0777 / 0666 less the umask, not mkdtemp's 0700."""
+    previous = os.umask(umask)
+    try:
+        path = _save(tmp_path / "run", step=1)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask
+    for file in path.iterdir():
+        assert os.stat(file).st_mode & 0o777 == 0o666 & ~umask, file.name
+
+
+def test_a_manifest_that_is_not_an_object_is_refused_in_one_sentence(tmp_path):
+    path = _save(tmp_path)
+    (path / "manifest.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="manifest.json' is not a JSON object of file hashes"):
+        load_checkpoint(tmp_path)

@@ -1,5 +1,8 @@
 """LoRA adapters through peft on the hand-written model's linear layers."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,3 +128,104 @@ def test_reference_with_hand_applied_adapters_equals_the_adapted_model(trained):
         assert len(changed) == 2 * 4 + 1
         assert "blocks.0.attention.in_proj_weight" in changed
         torch.testing.assert_close(reference(idx), adapted(idx), rtol=1e-5, atol=1e-5)
+
+
+# --- a non-finite loss, atomic saves, bad settings, a stop request, locks ---------------------
+
+def _tree(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_non_finite_loss_stops_before_the_adapters_are_written(trained, tmp_path):
+    """Adapters that load are never replaced by NaN ones: fine-tuning at lr 1e12 stops on the
+    first non-finite loss, and the adapters saved before stay byte for byte."""
+    from tinygpt.train import NonFiniteLossError
+
+    base, _, adapted, _, _ = trained
+    good = _tree(save_lora(adapted, tmp_path / "lora"))
+    exploding = add_lora(base, LoraSettings(rank=4))
+    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at fine-tuning step \d+; "
+                                                  r"stopped without writing adapters"):
+        finetune(exploding, _corpus(), steps=50, batch_size=4, lr=1e12)
+    assert _tree(tmp_path / "lora") == good
+
+
+def test_non_finite_adapters_are_refused(trained, tmp_path):
+    from tinygpt.train import NonFiniteLossError
+
+    base, _, adapted, _, _ = trained
+    good = _tree(save_lora(adapted, tmp_path / "lora"))
+    broken = add_lora(base, LoraSettings(rank=4))
+    with torch.no_grad():
+        next(iter(lora_parameters(broken).values()))[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="holds non-finite values; refusing to write it"):
+        save_lora(broken, tmp_path / "lora")
+    assert _tree(tmp_path / "lora") == good
+
+
+def test_a_save_cut_short_leaves_the_old_adapters_whole(trained, tmp_path, monkeypatch):
+    """A crash (here: a full disk) in the middle of writing new adapters leaves the old
+    directory as it was and no temporary behind."""
+    import errno
+
+    from peft import PeftModel
+
+    from tinygpt.files import DiskFullError
+
+    base, _, adapted, _, _ = trained
+    good = _tree(save_lora(adapted, tmp_path / "lora"))
+    real = PeftModel.save_pretrained
+
+    def half_then_full(self, directory, **kwargs):
+        real(self, directory, **kwargs)
+        (Path(directory) / "adapter_model.safetensors").write_bytes(b"torn")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", half_then_full)
+    with pytest.raises(DiskFullError, match=r"cannot write adapters to '.*lora': no space left on "
+                                            r"the device; the directory was left as it was\."):
+        save_lora(add_lora(base, LoraSettings(rank=4)), tmp_path / "lora")
+    assert _tree(tmp_path / "lora") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"steps": -1}, "steps must be an integer >= 0, got -1"),
+    ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+    ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+])
+def test_bad_finetune_settings_are_one_sentence(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        finetune(add_lora(_base(), LoraSettings()), _corpus(), **{"steps": 1, **kwargs})
+
+
+def test_a_stop_request_ends_finetuning_after_the_step(trained):
+    asked = []
+    losses = finetune(add_lora(trained[0], LoraSettings(rank=2)), _corpus(), steps=50,
+                      batch_size=2, should_stop=lambda: asked.append(1) or len(asked) == 3)
+    assert len(losses) == 3
+
+
+def test_adapter_permissions_follow_the_umask(trained, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        directory = save_lora(trained[2], tmp_path / "lora")
+    finally:
+        os.umask(previous)
+    assert os.stat(directory).st_mode & 0o777 == 0o755
+    assert {os.stat(p).st_mode & 0o777 for p in directory.iterdir()} == {0o644}
+
+
+def test_two_finetunings_into_one_directory_are_refused(tmp_path):
+    from tinygpt.files import LockedError
+    from tinygpt.lora import adapter_lock
+
+    with adapter_lock(tmp_path / "lora"):
+        with pytest.raises(LockedError, match=rf"adapter directory '{tmp_path / 'lora'}' is in use "
+                                              rf"by process {os.getpid()} "):
+            with adapter_lock(tmp_path / "lora"):
+                pass
+    with adapter_lock(tmp_path / "lora"):  # released
+        pass

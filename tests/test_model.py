@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from strategies import MODEL_EXAMPLES, SEED_CONFIG, model_cases, with_examples
-from torch import nn
+from torch import Tensor, nn
 
 from reference import ReferenceDecoderModel
 from tinygpt import ModelConfig, TinyDecoderModel, next_token_loss
@@ -257,3 +257,66 @@ def test_gpt2_preset_has_gpt2_smalls_published_parameter_count():
         model = TinyDecoderModel(ModelConfig.preset("gpt2"))
     assert sum(p.numel() for p in model.parameters()) == 124_439_808
     assert sum(n for _, n in parameter_table(model)) == 124_439_808
+
+
+# ------------------------------------------------------------------ dropout at every site, alone
+
+def _dropped(site: str, observed: Tensor, undropped: Tensor, scale: float) -> float:
+    """The fraction of `undropped` that dropout zeroed in `observed`, after checking that every
+    other entry was multiplied by `scale` (1 / (1 - p) in training, 1 in eval)."""
+    kept = observed != 0
+    torch.testing.assert_close(observed[kept], scale * undropped[kept], rtol=1e-5, atol=1e-6,
+                               msg=lambda text: f"{site}: {text}")
+    live = undropped != 0
+    return float((~kept & live).sum() / live.sum())
+
+
+def _capture(model, idx, names):
+    seen = {}
+    modules = dict(model.named_modules())
+    handles = [modules[name].register_forward_hook(
+        lambda module, args, out, name=name: seen.__setitem__(name, out)) for name in names]
+    try:
+        model(idx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_fires_at_each_of_its_four_sites_in_training(training):
+    """Each site checked on its own, against the value it drops computed here from the captured
+    inputs: the embeddings, the attention weights, the attention output and the MLP output. In
+    training about half of each is zeroed and the rest doubled (p = 0.5); in eval none is. A
+    model missing dropout at any one site fails that site's check."""
+    config = replace(SEED_CONFIG, dropout=0.5, norm_first=False, n_layers=1)
+    torch.manual_seed(0)
+    model = TinyDecoderModel(config).train(training)
+    t = config.max_seq
+    idx = torch.randint(config.vocab_size, (8, t))
+    block = "blocks.0"
+    seen = _capture(model, idx, [f"{block}.hook_resid_pre", f"{block}.attention.hook_q",
+                                 f"{block}.attention.hook_k", f"{block}.attention.hook_pattern",
+                                 f"{block}.attention.hook_z", f"{block}.hook_attn_out",
+                                 f"{block}.hook_resid_mid", f"{block}.hook_mlp_out"])
+    attention, mlp = model.blocks[0].attention, model.blocks[0].mlp
+    with torch.no_grad():
+        embedded = model.embedding.weight[idx] + model.positional[:t]
+        q, k = seen[f"{block}.attention.hook_q"], seen[f"{block}.attention.hook_k"]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        future = torch.ones(t, t, dtype=torch.bool).triu(1)
+        weights = scores.masked_fill(future, float("-inf")).softmax(-1)
+        z = seen[f"{block}.attention.hook_z"]  # b h i d
+        heads_joined = z.transpose(1, 2).reshape(z.shape[0], t, -1)
+        attn_out = heads_joined @ attention.out_proj.weight.T + attention.out_proj.bias
+        mlp_out = mlp(seen[f"{block}.hook_resid_mid"])
+    scale = 2.0 if training else 1.0
+    observed = {"embedding": (f"{block}.hook_resid_pre", embedded),
+                "attention weights": (f"{block}.attention.hook_pattern", weights),
+                "attention output": (f"{block}.hook_attn_out", attn_out),
+                "mlp output": (f"{block}.hook_mlp_out", mlp_out)}
+    fractions = {site: _dropped(site, seen[hook], undropped, scale)
+                 for site, (hook, undropped) in observed.items()}
+    for site, fraction in fractions.items():
+        assert (0.4 < fraction < 0.6) if training else fraction == 0.0, (site, fractions)

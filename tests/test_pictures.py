@@ -127,3 +127,14 @@ def test_pictures_leave_matplotlib_global_state_alone(tmp_path, users_matplotlib
     assert plt.get_fignums() == [figure.number] and plt.gcf() is figure
     assert all((tmp_path / name).stat().st_size > 1000 for name in ("grid.png", "loss.png",
                                                                     "bench.png"))
+
+
+def test_the_html_page_refuses_non_finite_weights_instead_of_writing_bad_json(tmp_path):
+    """Bare NaN is not JSON: the page's data would not parse. Refused in one sentence, no file."""
+    from tinygpt.pictures import save_attention_html
+
+    patterns = torch.full((1, 1, 3, 3), 1 / 3)
+    patterns[0, 0, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^the attention weights hold NaN or infinite values"):
+        save_attention_html(patterns, ["a", "b", "c"], tmp_path / "page.html")
+    assert not (tmp_path / "page.html").exists()

@@ -2,18 +2,25 @@
 metrics file cut back to the resumed step."""
 
 import json
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import torch
 
 from tinygpt.checkpoint import CheckpointError
 from tinygpt.config import ModelConfig
+from tinygpt.files import LockedError
 from tinygpt.model import TinyDecoderModel
-from tinygpt.rundir import RunDir
+from tinygpt.rundir import RunDir, check_run_name
 from tinygpt.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.from_text("abcdefg \n")
 CONFIG = ModelConfig.preset("seed", vocab_size=TOKENIZER.vocab_size, max_seq=8)
+_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _save(run, step):
@@ -61,7 +68,11 @@ def test_pruning_keeps_the_newest_n(tmp_path):
 
 def test_resume_from_picks_the_newest_or_refuses_a_fresh_start_over_a_run(tmp_path):
     run = RunDir(tmp_path / "r")
-    assert run.resume_from(resume=False) is None and run.resume_from(resume=True) is None
+    assert run.resume_from(resume=False) is None
+    # A mistyped --name with --resume must not start a new run silently.
+    with pytest.raises(CheckpointError, match=r"cannot resume: run directory .*r' holds no "
+                                              r"checkpoint; check --name, or drop --resume"):
+        run.resume_from(resume=True)
     _save(run, 7)
     assert run.resume_from(resume=True).name == "ckpt-00000007"
     with pytest.raises(CheckpointError, match="already has checkpoints; pass --resume"):
@@ -94,3 +105,112 @@ def test_loss_curve_is_drawn_from_the_metrics(tmp_path):
         run.append_metrics({"step": step, "train_loss": 2.0 / step, "val_loss": 2.5 / step})
     assert run.plot_loss_curve() == tmp_path / "loss_curve.png"
     assert run.loss_curve_path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["a/b", "", ".", "..", "../x", "/abs", "a\0b"])
+def test_run_names_must_be_one_plain_directory_name(name):
+    with pytest.raises(ValueError, match="must be one plain directory name"):
+        check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["r", "gpt2-20260101", "a.b", "..x", "ünï"])
+def test_plain_run_names_pass(name):
+    assert check_run_name(name) == name
+
+
+def test_metrics_refuse_numbers_json_cannot_hold(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        run.append_metrics({"step": 1, "lr": float("inf")})
+    assert not run.metrics_path.exists() or run.metrics_path.read_text() == ""
+
+
+def test_a_fresh_start_empties_the_metrics(tmp_path):
+    run = RunDir(tmp_path)
+    run.append_metrics({"step": 1, "train_loss": 3.0})
+    run.truncate_metrics(0)
+    assert run.read_metrics() == [] and run.metrics_path.read_text() == ""
+
+
+def _holder(path):
+    """A separate process that takes the run's lock, says so, and waits on its stdin."""
+    code = ("import sys; from tinygpt.rundir import RunDir\n"
+            f"with RunDir({str(path)!r}).lock():\n"
+            "    print('locked', flush=True); sys.stdin.read()\n")
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True, env=_ENV)
+    assert process.stdout.readline() == "locked\n"
+    return process
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+    """A second process is refused with the holder's pid; once the holder is killed (SIGKILL:
+    no clean-up runs) the kernel has dropped the lock and the run can be taken."""
+    holder = _holder(tmp_path)
+    try:
+        with pytest.raises(LockedError, match=rf"run directory '{tmp_path}' is in use by process "
+                                              rf"{holder.pid} \(lock '{tmp_path / '.lock'}'\)"):
+            with RunDir(tmp_path).lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDir(tmp_path).lock():
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    holder = _holder(tmp_path)  # released on a clean exit too, and the file deleted
+    holder.communicate("")
+    assert not (tmp_path / ".lock").exists()
+    with RunDir(tmp_path).lock():
+        pass
+
+
+def test_a_lock_file_deleted_under_a_contender_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    """A contender opens the lock file just as its holder finishes and deletes it, and a third
+    process locks the new file: the contender's flock on the deleted file succeeds, but it must
+    see that the path now names another file, and be refused by the third process's lock."""
+    import fcntl
+
+    import tinygpt.files as files
+
+    path = tmp_path / ".lock"
+    path.write_text("")  # the file of a holder that is about to finish
+    real, third, started = fcntl.flock, ExitStack(), []
+
+    def flock(fd, operation):
+        if not started:  # once only: the third process's own flock is the real one
+            started.append(True)
+            path.unlink()  # the holder finishes
+            third.enter_context(files.exclusive_lock(path, "the run"))  # the third one starts
+        return real(fd, operation)
+
+    monkeypatch.setattr(files.fcntl, "flock", flock)
+    with third, pytest.raises(LockedError, match=f"the run is in use by process {os.getpid()} "):
+        with files.exclusive_lock(path, "the run"):
+            pass
+
+
+def test_a_full_disk_while_logging_names_the_metrics_file(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from tinygpt.files import DiskFullError
+
+    run = RunDir(tmp_path)
+    run.append_metrics({"step": 1, "train_loss": 1.0})
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(tmp_path)) and mode in ("a", "w"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    with pytest.raises(DiskFullError, match=rf"^cannot append to '{run.metrics_path}': no space "
+                                            rf"left on the device\.$"):
+        run.append_metrics({"step": 2, "train_loss": 0.5})
+    with pytest.raises(DiskFullError, match=rf"^cannot rewrite '{run.metrics_path}': no space "
+                                            rf"left on the device; the file was left as it was\.$"):
+        run.truncate_metrics(0)
+    monkeypatch.undo()
+    assert run.read_metrics() == [{"step": 1, "train_loss": 1.0}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -229,3 +230,153 @@ def test_torchrun_two_processes_follow_one_process_curve(tmp_path):
     a, b = load_checkpoint(tmp_path / "ddp").model, load_checkpoint(tmp_path / "runs" / "r").model
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5, msg=name)
+
+
+# --- what the loop really does: learning rate, clipping, evaluation --------------------------
+
+def _spy_optimizer(monkeypatch, record):
+    """Make the trainer's optimizer call `record(optimizer)` just before each of its steps."""
+    import tinygpt.train as module
+
+    real = module.make_optimizer
+
+    def spying(model, config):
+        optimizer = real(model, config)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: record(opt))
+        return optimizer
+
+    monkeypatch.setattr(module, "make_optimizer", spying)
+
+
+def test_each_step_uses_and_logs_its_own_learning_rate(tmp_path, monkeypatch):
+    """Step k (0-based) updates with lr_at(k), and its metrics line says so: through warmup and
+    decay the rate changes every step, so a loop one step ahead or behind is caught."""
+    used = []
+    _spy_optimizer(monkeypatch, lambda opt: used.append([g["lr"] for g in opt.param_groups]))
+    config = replace(TRAIN, steps=12, warmup_steps=5)
+    train(tmp_path, DATA, TOKENIZER, MODEL, config)
+    expected = [lr_at(k, config) for k in range(12)]
+    assert len(set(expected)) == 11  # only the peak repeats: the last warmup and first decay step
+    assert used == [[lr, lr] for lr in expected]
+    assert [r["lr"] for r in _metrics(tmp_path)] == expected
+
+
+def _first_step_gradients(tmp_path, monkeypatch, grad_clip):
+    grads = []
+    _spy_optimizer(monkeypatch, lambda opt: grads.append(
+        [p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    train(tmp_path / f"clip-{grad_clip}", DATA, TOKENIZER, replace(MODEL, dropout=0.0),
+          replace(TRAIN, steps=1, grad_clip=grad_clip))
+    return grads[0]
+
+
+def test_grad_clip_rescales_the_gradient_the_optimizer_uses(tmp_path, monkeypatch):
+    """With clipping off the first step's gradient has norm N; --grad-clip c < N hands the
+    optimizer that gradient times c / N, and c > N leaves it unchanged."""
+    raw = _first_step_gradients(tmp_path, monkeypatch, 0.0)
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in raw))
+    clip = norm / 7
+    clipped = _first_step_gradients(tmp_path, monkeypatch, clip)
+    for a, b in zip(clipped, raw):
+        torch.testing.assert_close(a, b * (clip / norm), rtol=1e-4, atol=1e-9)
+    for a, b in zip(_first_step_gradients(tmp_path, monkeypatch, norm * 2), raw):
+        assert torch.equal(a, b)
+
+
+def test_logged_val_loss_is_the_saved_models_eval_loss_on_held_out_text(tmp_path):
+    """The validation split is one token repeated, never seen in training, so every validation
+    window is the same: the logged val_loss must equal the saved model's eval-mode loss on that
+    window. Dropout (0.5) left on in evaluation, or windows drawn from the training split, give
+    another number."""
+    tokenizer = CharTokenizer.from_text(TEXT + "z")
+    z = tokenizer.encode("z")[0]
+    train_ids = np.asarray(tokenizer.encode(TEXT), dtype=np.int64)
+    assert z not in train_ids
+    data = TokenData(train=train_ids, val=np.full(50, z, dtype=np.int64))
+    model = replace(MODEL, vocab_size=tokenizer.vocab_size, dropout=0.5)
+    result = train(tmp_path, data, tokenizer, model, replace(TRAIN, steps=6, eval_every=3))
+    saved = load_checkpoint(tmp_path)
+    window = torch.full((1, model.max_seq), z)
+    with torch.no_grad():
+        logits = saved.model(window)  # eval mode: no dropout
+    expected = torch.nn.functional.cross_entropy(logits[0], window[0]).item()
+    logged = [r["val_loss"] for r in _metrics(tmp_path) if "val_loss" in r]
+    assert len(logged) == 2 and logged[-1] == result.val_loss
+    assert result.val_loss == pytest.approx(expected, rel=1e-6)
+
+
+# --- bad settings, stale metrics, locks, SIGTERM ---------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("grad_clip", float("nan"), "grad_clip must be a finite number, got nan"),
+    ("grad_clip", float("inf"), "grad_clip must be a finite number, got inf"),
+    ("grad_clip", -1.0, r"grad_clip must be >= 0 \(0 turns clipping off\), got -1.0"),
+    ("weight_decay", -1.0, "weight_decay must be >= 0, got -1.0"),
+    ("lr", float("inf"), "lr must be a finite number, got inf"),
+    ("lr", float("nan"), "lr must be a finite number, got nan"),
+    ("min_lr", float("nan"), "min_lr must be a finite number, got nan"),
+    ("beta2", 1.0, r"beta2 must be in \[0, 1\), got 1.0"),
+    ("seed", 2**70, "seed must be an integer from 0 to"),
+    ("warmup_steps", 1.5, "warmup_steps must be an integer >= 0, got 1.5"),
+])
+def test_settings_that_would_train_silently_wrong_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_a_fresh_start_drops_the_metrics_of_a_failed_attempt(tmp_path):
+    """An attempt that died before its first checkpoint leaves metrics; starting the run again
+    under the same name must not keep them."""
+    with pytest.raises(NonFiniteLossError):
+        train(tmp_path / "b", DATA, TOKENIZER, MODEL,
+              replace(TRAIN, lr=1e30, min_lr=0, warmup_steps=0))
+    assert _metrics(tmp_path / "b") and not checkpoint_dirs(tmp_path / "b")
+    train(tmp_path / "a", DATA, TOKENIZER, MODEL, TRAIN, until=3)
+    train(tmp_path / "b", DATA, TOKENIZER, MODEL, TRAIN, until=3)
+    assert _metrics(tmp_path / "b") == [
+        {**r, "tokens_per_s": r2["tokens_per_s"], "ms_per_step": r2["ms_per_step"]}
+        for r, r2 in zip(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"))]
+    assert len(_metrics(tmp_path / "b")) == 3
+
+
+def test_a_locked_run_is_refused_naming_the_holder(tmp_path):
+    from tinygpt.files import LockedError
+    from tinygpt.rundir import RunDir
+
+    with RunDir(tmp_path).lock():
+        with pytest.raises(LockedError, match=rf"run directory '{tmp_path}' is in use by process "
+                                              rf"{os.getpid()} "):
+            train(tmp_path, DATA, TOKENIZER, MODEL, TRAIN, until=1)
+    assert not checkpoint_dirs(tmp_path)
+    assert train(tmp_path, DATA, TOKENIZER, MODEL, TRAIN, until=1).step == 1  # released
+
+
+class _Killed(Exception):
+    """Raised by the test's own SIGTERM handler: the trainer let the signal through."""
+
+
+def test_sigterm_finishes_the_step_saves_and_reports(tmp_path, monkeypatch):
+    """SIGTERM arriving during step 3 stops the run after step 3, saved, as Ctrl-C does; the
+    handler in place before the run is back afterwards."""
+    import tinygpt.train as module
+
+    log = module._Trainer.log
+
+    def log_then_signal(self, record):
+        log(self, record)
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def killed(signum, frame):
+        raise _Killed
+
+    monkeypatch.setattr(module._Trainer, "log", log_then_signal)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        result = train(tmp_path, DATA, TOKENIZER, MODEL, TRAIN)
+        assert signal.getsignal(signal.SIGTERM) is killed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.interrupted == "SIGTERM" and result.step == 3
+    assert result.checkpoint.name == "ckpt-00000003" and load_checkpoint(tmp_path).step == 3
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]

@@ -15,22 +15,24 @@ view of a whole run directory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from tinygpt.config import ModelConfig
+from tinygpt.files import DiskFullError, fsync_dir, is_disk_full, make_temp_dir, write_file
 from tinygpt.model import TinyDecoderModel
 from tinygpt.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
 
@@ -85,9 +87,12 @@ def write_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, tokenizer:
                      meta: dict[str, Any] | None = None) -> Path:
     """Write `run_dir/ckpt-STEP/` so that it appears complete or not at all, and return it.
 
-    Every file goes into a hidden temporary directory and is fsynced; the manifest (the sha256 of
-    every other file) is written last; one rename then puts the directory in place. A process
-    killed at any instant leaves either no `ckpt-STEP` or a complete one.
+    Every file is serialised in memory first, so the disk is touched only by plain writes (whose
+    errors name their cause), then written into a hidden temporary directory and fsynced; the
+    manifest (the sha256 of every other file) is written last; one rename then puts the
+    directory in place. A process killed at any instant leaves either no `ckpt-STEP` or a
+    complete one; a full disk raises `DiskFullError` and leaves the run as it was. Files and
+    directory get the permissions the umask gives any other file.
     """
     config: ModelConfig = model.config
     if tokenizer.vocab_size != config.vocab_size:
@@ -100,24 +105,51 @@ def write_checkpoint(run_dir: str | os.PathLike, *, model: nn.Module, tokenizer:
     final = run_dir / f"ckpt-{step:08d}"
     if final.exists():  # a step is saved once (e.g. Ctrl-C right after a periodic save)
         return final
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=_TMP_PREFIX))
+    blobs = _serialise(model, tokenizer, step, state, meta)
+    tmp = None
     try:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / "model.safetensors", metadata={"format": str(FORMAT_VERSION)})
-        _write_json(tmp / "config.json", config.to_dict())
-        _write_json(tmp / "tokenizer.json", tokenizer.to_dict())
-        _write_json(tmp / "meta.json", {"format": FORMAT_VERSION, "step": step, **(meta or {})})
-        torch.save(state or {}, tmp / "state.pt")
+        tmp = make_temp_dir(run_dir, _TMP_PREFIX)
         for name in _FILES:
-            _fsync_file(tmp / name)
-        _write_json(tmp / "manifest.json", {name: _sha256(tmp / name) for name in _FILES})
+            _write_bytes(tmp / name, blobs[name])
+        manifest = {name: hashlib.sha256(blobs[name]).hexdigest() for name in _FILES}
+        _write_json(tmp / "manifest.json", manifest)
         _fsync_dir(tmp)
         os.rename(tmp, final)
         _fsync_dir(run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(error):
+            raise DiskFullError(_disk_full_message(run_dir, final)) from error
         raise
     return final
+
+
+def _serialise(model: nn.Module, tokenizer: Tokenizer, step: int, state: dict[str, Any] | None,
+               meta: dict[str, Any] | None) -> dict[str, bytes]:
+    """The bytes of every checkpoint file but the manifest, by name."""
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(state or {}, buffer)
+    return {
+        "model.safetensors": save_safetensors(weights, metadata={"format": str(FORMAT_VERSION)}),
+        "config.json": _json_bytes(model.config.to_dict()),
+        "tokenizer.json": _json_bytes(tokenizer.to_dict()),
+        "meta.json": _json_bytes({"format": FORMAT_VERSION, "step": step, **(meta or {})}),
+        "state.pt": buffer.getvalue(),
+    }
+
+
+def _disk_full_message(run_dir: Path, final: Path) -> str:
+    if final.exists():  # only the fsync of the run directory, after the rename, failed
+        return (f"checkpoint {str(final)!r} was written, but syncing {str(run_dir)!r} failed: no "
+                f"space left on the device; the checkpoint is complete but may not survive a "
+                f"power cut.")
+    kept = checkpoint_dirs(run_dir)
+    previous = (f"the previous checkpoint {str(kept[-1])!r} is intact" if kept
+                else "no earlier checkpoint exists")
+    return (f"cannot write checkpoint {str(final)!r}: no space left on the device; the partial "
+            f"copy was removed and {previous}.")
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
@@ -151,24 +183,73 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def load_checkpoint(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Load the newest checkpoint of `run_dir` (or the checkpoint directory given) for use.
 
-    Safe while a trainer writes to the run: a checkpoint pruned under our feet (its directory
-    gone) sends us to the newer one that replaced it.
+    Safe while a trainer writes to the run: every file is read once, its hash checked on the
+    bytes read and the model built from those same bytes, so a checkpoint pruned after it was
+    read does not matter; one pruned while it was being read (its directory gone) sends us to the
+    newer one that replaced it.
     """
+    return _load_newest(run_dir, lambda path, files: _build(path, files, device))
+
+
+def load_checkpoint_and_state(path: str | os.PathLike) -> tuple[Checkpoint, dict[str, Any]]:
+    """A checkpoint (on the CPU) and its optimizer/RNG state, from one verified read of its files,
+    so the two always belong to the same checkpoint."""
+    return _load_newest(path, lambda found, files: (_build(found, files, "cpu"),
+                                                    _state(found, files)))
+
+
+def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+    """The optimizer/RNG state of a verified checkpoint, refusing anything but plain data."""
+    path = Path(checkpoint_dir)
+    return _state(path, _read_verified(path))
+
+
+def _load_newest(run_dir: str | os.PathLike, build):
+    """`build(path, files)` on the verified files of the newest checkpoint of `run_dir`; a
+    checkpoint whose directory vanished while it was read (pruned by a trainer) is retried."""
     for _ in range(5):
         path = resolve_checkpoint(run_dir)
         try:
-            return _load(path, device)
+            return build(path, _read_verified(path))
         except CheckpointError:
             if path.exists():
                 raise
-    return _load(resolve_checkpoint(run_dir), device)
+    path = resolve_checkpoint(run_dir)
+    return build(path, _read_verified(path))
 
 
-def _load(path: Path, device: str | torch.device) -> Checkpoint:
-    _verify(path)
-    config = _read_config(path)
+def _read_verified(path: Path) -> dict[str, bytes]:
+    """The bytes of every file of the checkpoint `path`, each read once and checked against the
+    sha256 that the manifest recorded when it was written."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist.")
+    manifest = _parse_json(path / "manifest.json", _read_bytes(path / "manifest.json"))
+    if not isinstance(manifest, dict):
+        raise CheckpointError(
+            f"checkpoint file {str(path / 'manifest.json')!r} is not a JSON object of file hashes."
+        )
+    files = {}
+    for name in _FILES:
+        try:
+            blob = _read_bytes(path / name)
+        except CheckpointError:
+            raise CheckpointError(f"checkpoint {str(path)!r} is missing {name}.") from None
+        if manifest.get(name) != hashlib.sha256(blob).hexdigest():
+            raise CheckpointError(
+                f"checkpoint file {str(path / name)!r} was altered (sha256 mismatch).")
+        files[name] = blob
+    return files
+
+
+def _build(path: Path, files: dict[str, bytes], device: str | torch.device) -> Checkpoint:
+    """The model, tokenizer, config and step from a checkpoint's verified bytes."""
     try:
-        tokenizer = tokenizer_from_dict(_read_json(path / "tokenizer.json"))
+        config = ModelConfig.from_dict(_parse_json(path / "config.json", files["config.json"]))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path / 'config.json'}: {error}") from None
+    try:
+        tokenizer = tokenizer_from_dict(_parse_json(path / "tokenizer.json",
+                                                    files["tokenizer.json"]))
     except TokenizerError as error:
         raise CheckpointError(f"{path / 'tokenizer.json'}: {error}") from None
     if tokenizer.vocab_size != config.vocab_size:
@@ -178,8 +259,8 @@ def _load(path: Path, device: str | torch.device) -> Checkpoint:
         )
     model = TinyDecoderModel(config)
     try:
-        weights = load_file(path / "model.safetensors")
-    except (SafetensorError, OSError) as error:
+        weights = load_safetensors(files["model.safetensors"])
+    except SafetensorError as error:
         raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {error}") from None
     try:
         model.load_state_dict(weights, strict=True)
@@ -187,22 +268,20 @@ def _load(path: Path, device: str | torch.device) -> Checkpoint:
         raise CheckpointError(
             f"weights in {str(path)!r} do not fit its config: {str(error).splitlines()[0]}"
         ) from None
-    meta = _read_json(path / "meta.json")
+    meta = _parse_json(path / "meta.json", files["meta.json"])
     model.to(device).eval()
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, step=int(meta["step"]),
                       path=path, meta=meta)
 
 
-def load_state(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The optimizer/RNG state of a verified checkpoint, refusing anything but plain data.
+def _state(path: Path, files: dict[str, bytes]) -> dict[str, Any]:
+    """The optimizer/RNG state from verified bytes, refusing anything but plain data.
 
     `torch.load(weights_only=True)` unpickles only tensors and plain containers, so a pickle that
     would run code (through `__reduce__`) is rejected before anything runs.
     """
-    path = Path(checkpoint_dir)
-    _verify(path)
     try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(files["state.pt"]), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path / 'state.pt'} holds something other than tensors and plain data; refusing to "
@@ -223,63 +302,39 @@ def latest_run(runs_dir: str | os.PathLike = "runs") -> Path:
     return max(runs)[1]
 
 
-def _verify(path: Path) -> None:
-    """Every file is there and has the hash the manifest recorded when it was written."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(path)!r} does not exist.")
-    manifest = _read_json(path / "manifest.json")
-    for name in _FILES:
-        file = path / name
-        if not file.exists():
-            raise CheckpointError(f"checkpoint {str(path)!r} is missing {name}.")
-        if manifest.get(name) != _sha256(file):
-            raise CheckpointError(f"checkpoint file {str(file)!r} was altered (sha256 mismatch).")
-
-
-def _read_config(path: Path) -> ModelConfig:
+def _read_bytes(path: Path) -> bytes:
     try:
-        return ModelConfig.from_dict(_read_json(path / "config.json"))
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{path / 'config.json'}: {error}") from None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing.") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint file {str(path)!r}: {error}.") from None
+
+
+def _parse_json(path: Path, blob: bytes) -> Any:
+    try:
+        return json.loads(blob.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(
             f"checkpoint file {str(path)!r} is not valid JSON: {error}."
         ) from None
 
 
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Create, write and fsync one checkpoint file (its mode follows the umask)."""
+    write_file(path, data)
+
+
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    _write_bytes(path, _json_bytes(data))
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def _discard(path: Path) -> None:

@@ -1,15 +1,85 @@
-"""Crash-safe file writes shared by the tokenizer and the corpus cache."""
+"""Crash-safe file writes, permissions that follow the umask, full-disk errors that say so, and an
+exclusive lock on a directory, shared by checkpoints, runs, adapters, tokenizers and the corpus
+cache."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+# Errors that mean the disk (or the user's quota) has no room for what was being written.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space; the message names the path and what was kept."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class LockedError(ValueError):
+    """Another process holds the lock on a directory that this process was about to write."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _NO_SPACE
+
+
+def current_umask() -> int:
+    """The process umask. POSIX can only read it by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, *, directory: bool = False) -> None:
+    """Give `path` the mode an ordinary `open` or `mkdir` would have given it (0666 or 0777 less
+    the umask). `tempfile.mkstemp` and `mkdtemp` create 0600 and 0700, which would make a file
+    written through a temporary unreadable to the collaborators the umask lets in."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named directory in `parent` with the umask's permissions."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    follow_umask(tmp, directory=True)
+    return tmp
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Create `path` (it must not exist), write `data` and fsync it. The mode follows the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the directory's entries (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`, so that a
-    crash leaves either the old file or the new one, never a torn one."""
+    crash leaves either the old file or the new one, never a torn one. The file's mode follows
+    the umask, as a plain `open` would; a full disk raises `DiskFullError` naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -17,7 +87,58 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskFullError(
+                f"cannot write {str(path)!r}: no space left on the device; the file was left as "
+                f"it was."
+            ) from error
         raise
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `lock_path` for the `with` block, or raise
+    `LockedError` at once, naming the holder's pid (which the holder writes into the file).
+
+    The kernel drops an flock when its holder's descriptor closes, and so when the process dies,
+    even by SIGKILL: a crash never leaves a stale lock, only a stale file that the next holder
+    reuses. A clean exit deletes the file while still holding the lock; a process that opened
+    the old file in the meantime sees, once it gets the lock, that the path names another file
+    (or none) and starts again on the new one, so two processes never both hold "the" lock.
+    """
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock_current_file(lock_path, what)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
+
+
+def _lock_current_file(lock_path: Path, what: str) -> int:
+    """A descriptor of the file now at `lock_path`, exclusively flocked."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"{what} is in use by process {holder} (lock {str(lock_path)!r}); wait for it to "
+                f"finish or choose another name."
+            ) from None
+        try:
+            ours = os.stat(lock_path)
+            mine = os.fstat(fd)
+            if (ours.st_dev, ours.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder deleted this file as it finished: lock the new one

@@ -8,13 +8,27 @@ it takes seconds to import, and only this module needs it.
 from __future__ import annotations
 
 import copy
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from tinygpt.files import (
+    DiskFullError,
+    exclusive_lock,
+    follow_umask,
+    fsync_dir,
+    is_disk_full,
+    make_temp_dir,
+)
 from tinygpt.model import TinyDecoderModel, next_token_loss
+from tinygpt.train import NonFiniteLossError
 
 # Module-name suffixes peft matches against `named_modules()`, e.g. "blocks.0.mlp.fc_in".
 LORA_TARGETS = ("in_proj", "out_proj", "mlp.fc_in", "mlp.fc_out", "lm_head")
@@ -53,10 +67,15 @@ def lora_parameters(peft_model: nn.Module) -> dict[str, Tensor]:
 
 
 def finetune(peft_model: nn.Module, ids: Tensor, *, steps: int, batch_size: int = 16,
-             lr: float = 1e-3, seed: int = 0) -> list[float]:
-    """Train the adapters on random windows of the token stream `ids`; returns the loss per step."""
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
+             lr: float = 1e-3, seed: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> list[float]:
+    """Train the adapters on random windows of the token stream `ids`; returns the loss per step.
+
+    A non-finite loss raises `NonFiniteLossError` before the step that would spread it into the
+    adapters. `should_stop`, asked after every step, ends the fine-tuning early (a signal, say):
+    the losses then cover the steps done.
+    """
+    _check_settings(steps, batch_size, lr)
     max_seq = _base(peft_model).config.max_seq
     ids = torch.as_tensor(ids, dtype=torch.long)
     if len(ids) < max_seq + 2:
@@ -68,23 +87,91 @@ def finetune(peft_model: nn.Module, ids: Tensor, *, steps: int, batch_size: int 
     device = next(peft_model.parameters()).device
     peft_model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         starts = torch.randint(0, len(ids) - max_seq - 1, (batch_size, 1), generator=generator)
         rows = ids[starts + offsets].to(device)  # b (t+1)
         loss = next_token_loss(peft_model(rows[:, :-1]), rows[:, 1:])
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise NonFiniteLossError(
+                f"loss became {losses[-1]} at fine-tuning step {step}; stopped without writing "
+                f"adapters (any saved before are kept). Try a lower --lr."
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        if should_stop is not None and should_stop():
+            break
     peft_model.eval()
     return losses
 
 
-def save_lora(peft_model: nn.Module, directory: str | Path) -> Path:
-    """Write the adapters (adapter_model.safetensors + adapter_config.json) to `directory`."""
+def _check_settings(steps: int, batch_size: int, lr: float) -> None:
+    for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+            math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}.")
+
+
+@contextmanager
+def adapter_lock(directory: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock on the adapter directory `directory` (a lock file beside it), or
+    raise `LockedError` naming the holder: two fine-tunings would overwrite each other's
+    adapters."""
     directory = Path(directory)
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+    with exclusive_lock(directory.parent / f".{directory.name}.lock",
+                        f"adapter directory {str(directory)!r}"):
+        yield
+
+
+def save_lora(peft_model: nn.Module, directory: str | Path) -> Path:
+    """Write the adapters (adapter_model.safetensors + adapter_config.json) to `directory`.
+
+    Non-finite adapters are refused. The files are written and fsynced in a temporary directory
+    beside `directory`, which then replaces it, so adapters that load are never replaced by a
+    partial write; a full disk raises `DiskFullError` and leaves `directory` as it was.
+    """
+    directory = Path(directory)
+    for name, p in lora_parameters(peft_model).items():
+        if not torch.isfinite(p).all():
+            raise NonFiniteLossError(
+                f"adapter {name} holds non-finite values; refusing to write it to {directory}.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(directory.parent, f".tmp-{directory.name}-")
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        for file in tmp.iterdir():  # safetensors writes 0600 whatever the umask: reset it
+            follow_umask(file)
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(error):
+            raise DiskFullError(
+                f"cannot write adapters to {str(directory)!r}: no space left on the device; the "
+                f"directory was left as it was."
+            ) from error
+        raise
     return directory
+
+
+def _replace_dir(new: Path, directory: Path) -> None:
+    """Put `new` in the place of `directory`. A directory cannot be renamed over a non-empty one,
+    so the old one is renamed away first and deleted last: a crash between the two renames
+    leaves the old adapters whole under `.tmp-NAME-old-PID`, never a torn directory."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".tmp-{directory.name}-old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+    os.rename(new, directory)
+    fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_lora(model: TinyDecoderModel, directory: str | Path) -> nn.Module:

@@ -113,13 +113,18 @@ def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT at
     `patterns (l h i j)`: two panels, each with its own layer and head, side by side; hovering a
     token in either panel shows, in both, the weights with which it attends to every key."""
     _check(patterns, tokens)
+    if not torch.isfinite(patterns).all():
+        raise ValueError(
+            "the attention weights hold NaN or infinite values (are the model's weights or "
+            "adapters finite?); refusing to write a page whose data would not be valid JSON."
+        )
     n_layers, n_heads, t, _ = patterns.shape
     # Only the causal lower triangle: row i holds the weights on keys 0..i.
     rows = [[[[round(w, 6) for w in patterns[layer, head, i, :i + 1].tolist()] for i in range(t)]
              for head in range(n_heads)] for layer in range(n_layers)]
     data = {"tokens": [display_token(tok) for tok in tokens], "patterns": rows}
     # "</" must not appear inside the inline script, whatever the tokens are.
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    payload = json.dumps(data, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     return _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
 
 

@@ -63,14 +63,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
                      "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}.")
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("warmup_steps", self.warmup_steps, low=0)
+        _check_int("seed", self.seed, low=0, high=2**63 - 3)  # seed + 2 seeds a generator too
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip"):
+            _check_finite(name, getattr(self, name))
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(
                 f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}."
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.grad_clip < 0:
+            raise ValueError(
+                f"grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}."
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
@@ -81,12 +90,28 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
+
+
+def _check_finite(name: str, value: Any) -> None:
+    """A NaN would compare false with every bound (and `--grad-clip nan` turn clipping off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}.")
+
+
 @dataclass
 class TrainResult:
+    """Where a run stopped. `interrupted` names the signal (SIGINT or SIGTERM) that stopped it
+    early, after saving; None when it ran to its last step."""
+
     step: int
     checkpoint: Path | None
     val_loss: float | None
-    interrupted: bool = False
+    interrupted: str | None = None
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -112,24 +137,30 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=True)
 
 
-class _StopFlag:
-    """Set by SIGINT so the loop can stop at a step boundary and save, instead of mid-update."""
+class StopSignals:
+    """Catch SIGINT (Ctrl-C) and SIGTERM (`kill`, `timeout`, `docker stop`, a cluster scheduler)
+    for the `with` block, so a loop can stop at a step boundary and save instead of dying
+    mid-update. `received` names the first signal caught, or is None. Outside the main thread
+    (where Python cannot set handlers) it catches nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopFlag:
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        self.received = self.received or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_config: ModelConfig,
@@ -138,23 +169,36 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
     """Train (or resume) the run in `run_dir` and return where it stopped.
 
     `until` stops (and saves) after that step without changing the schedule, which is planned
-    for `config.steps`: a run split in pieces follows the same path as one run.
+    for `config.steps`: a run split in pieces follows the same path as one run. SIGINT or
+    SIGTERM stops the run after the step in progress, saved (see `TrainResult.interrupted`).
 
-    Under `torch.distributed` each process draws the same global batch from the same seeded
-    generator and keeps its own slice, so N processes follow the single-process loss curve.
-    Only rank 0 writes.
+    The run directory is locked for the whole run (`RunDir.lock`): a second process training
+    the same run is refused at once. Under `torch.distributed` each process draws the same global
+    batch from the same seeded generator and keeps its own slice, so N processes follow the
+    single-process loss curve. Only rank 0 writes, and locks.
     """
     run = RunDir(run_dir)
-    # Set up: check the inputs, build model, optimizer and batch generator from the seed.
-    trainer = _Trainer.build(run, data, tokenizer, model_config, config)
-    # Restore: a resumed run continues from its newest checkpoint (weights, optimizer, RNGs).
-    step = trainer.restore(run.resume_from(resume))
-    # Place: model and optimizer state on the device, the model wrapped for DDP or compiled.
-    trainer.move_to_device()
-    last_step = config.steps if until is None else min(until, config.steps)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with StopSignals() as stop, run.lock() if rank == 0 else nullcontext():
+        # Set up: check the inputs, build model, optimizer and batch generator from the seed.
+        trainer = _Trainer.build(run, data, tokenizer, model_config, config)
+        # Restore: a resumed run continues from its newest checkpoint (weights, optimizer, RNGs).
+        step = trainer.restore(run.resume_from(resume))
+        # Place: model and optimizer state on the device, the model wrapped for DDP or compiled.
+        trainer.move_to_device()
+        last_step = config.steps if until is None else min(until, config.steps)
+        result = _loop(trainer, step, last_step, stop, progress)
+        if trainer.rank == 0:
+            run.plot_loss_curve()
+    return result
+
+
+def _loop(trainer: _Trainer, step: int, last_step: int, stop: StopSignals,
+          progress: bool) -> TrainResult:
+    """The steps from `step` to `last_step`, or to the step during which a stop signal came."""
+    config = trainer.config
     val_loss, interrupted = None, False
-    with _StopFlag() as stop, _progress_bar(progress and trainer.rank == 0, step,
-                                            config.steps) as bar:
+    with _progress_bar(progress and trainer.rank == 0, step, config.steps) as bar:
         while step < last_step:
             started = time.perf_counter()
             # Accumulate gradients over the micro-batches, at this step's learning rate.
@@ -168,19 +212,18 @@ def train(run_dir: str | Path, data: TokenData, tokenizer: Tokenizer, model_conf
             # Evaluate every `eval_every` steps and at the end of the schedule.
             if step % config.eval_every == 0 or step == config.steps:
                 val_loss = record["val_loss"] = trainer.evaluate()
+                trainer.check_loss(val_loss, step, what="validation loss")
             # Log: one metrics line (rank 0) and the progress bar.
             trainer.log(record)
             _show(bar, record, val_loss)
             # Save every `save_every` steps, at the last step, and when a stop was asked for.
-            interrupted = trainer.stop_requested(stop.raised)
+            interrupted = trainer.stop_requested(stop.received is not None)
             if step % config.save_every == 0 or step == last_step or interrupted:
                 trainer.save(step, val_loss)
             if interrupted:
                 break
-    if trainer.rank == 0:
-        run.plot_loss_curve()
     return TrainResult(step=step, checkpoint=trainer.last_checkpoint, val_loss=val_loss,
-                       interrupted=interrupted)
+                       interrupted=(stop.received or "SIGTERM") if interrupted else None)
 
 
 @dataclass
@@ -230,8 +273,11 @@ class _Trainer:
     def restore(self, path: Path | None) -> int:
         """Load weights, optimizer and RNG state from the checkpoint `path` (refusing one of
         another config or tokenizer), cut the metrics back to its step, and return that step.
-        With no checkpoint, keep the fresh state and return 0."""
+        With no checkpoint, keep the fresh state, empty the metrics (a failed earlier attempt
+        may have left some) and return 0."""
         if path is None:
+            if self.rank == 0:
+                self.run.truncate_metrics(0)
             return 0
         ckpt, state = self.run.load(path)
         if ckpt.config != self.model_config:
@@ -302,10 +348,10 @@ class _Trainer:
             loss_sum /= world
         return loss_sum.item()
 
-    def check_loss(self, loss: float, step: int) -> None:
+    def check_loss(self, loss: float, step: int, what: str = "loss") -> None:
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss became {loss} at step {step}; stopped, keeping the last good checkpoint "
+                f"{what} became {loss} at step {step}; stopped, keeping the last good checkpoint "
                 f"({self.last_checkpoint or 'no checkpoint yet'}). Try a lower --lr."
             )
 

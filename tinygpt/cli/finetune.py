@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
 from tinygpt.cli import options
@@ -33,18 +35,34 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     from tinygpt.data import read_text
     from tinygpt.inspection import loss_ends
-    from tinygpt.lora import LoraSettings, add_lora, finetune, save_lora
+    from tinygpt.lora import LoraSettings, adapter_lock, add_lora, finetune, save_lora
+    from tinygpt.train import StopSignals
 
     settings = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
                             targets=tuple(args.lora_targets))
     text = read_text(options.corpus_file(args))
     run, ckpt = options.load_selected_checkpoint(args)
-    adapted = add_lora(ckpt.model, settings)
-    losses = finetune(adapted, ckpt.tokenizer.encode(text), steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    out = save_lora(adapted, args.out if args.out is not None else Path(run) / "lora")
+    out = Path(args.out) if args.out is not None else Path(run) / "lora"
+    # Locked before training: a second fine-tuning into the same directory is refused at once.
+    with StopSignals() as stop, adapter_lock(out):
+        adapted = add_lora(ckpt.model, settings)
+        losses = finetune(adapted, ckpt.tokenizer.encode(text), steps=args.steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          should_stop=lambda: stop.received is not None)
+        save_lora(adapted, out)
     if losses:
         first, last, k = loss_ends(losses)
         print(f"LoRA rank {settings.rank} on {', '.join(settings.targets)}: mean loss "
               f"{first:.4f} (first {k} steps) -> {last:.4f} (last {k}) in {len(losses)} steps")
     print(f"wrote adapters to {out}")
+    _exit_if_interrupted(stop.received, f"saved the adapters of step {len(losses)} to {out}")
+
+
+def _exit_if_interrupted(signal_name: str | None, saved: str) -> None:
+    """As `train` ends: SIGINT as any Ctrl-C (exit 130), SIGTERM with one line and exit 143.
+    (Command modules do not import one another, so this is `train`'s, restated.)"""
+    if signal_name == "SIGINT":
+        raise KeyboardInterrupt
+    if signal_name is not None:
+        print(f"tinygpt: stopped by {signal_name}; {saved}.", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[signal_name].value)

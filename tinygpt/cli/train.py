@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def handle(args: argparse.Namespace) -> None:
     from tinygpt.data import cached_tokens, read_text
     from tinygpt.devices import pick_device
     from tinygpt.distributed import main_process_first, process_group
+    from tinygpt.rundir import check_run_name
     from tinygpt.tokenizer import CharTokenizer, load_tokenizer
     from tinygpt.train import TrainConfig, train
 
@@ -63,17 +66,30 @@ def handle(args: argparse.Namespace) -> None:
     train_config = TrainConfig(**{
         field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
     } | {"compile": args.compile is not None})
-    run_dir = Path(args.runs_dir) / (args.name or f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = check_run_name(args.name) if args.name is not None else (
+        f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.runs_dir) / name
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     with process_group(world_size, pick_device(args.device)) as rank:
         data = main_process_first(lambda: cached_tokens(corpus, tokenizer, args.data_dir))
         result = train(run_dir, data, tokenizer, model_config, train_config,
                        resume=args.resume, progress=rank == 0)
-    if rank != 0:
-        return  # rank 0 reports for the whole group
-    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"step {result.step}{val}; checkpoint {result.checkpoint}; "
-          f"loss curve {run_dir / 'loss_curve.png'}")
-    if result.interrupted:
+    if rank == 0:  # rank 0 reports for the whole group
+        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"step {result.step}{val}; checkpoint {result.checkpoint}; "
+              f"loss curve {run_dir / 'loss_curve.png'}")
+    _exit_if_interrupted(result.interrupted, f"saved step {result.step} to {result.checkpoint}",
+                         report=rank == 0)
+
+
+def _exit_if_interrupted(signal_name: str | None, saved: str, *, report: bool = True) -> None:
+    """End a command that a signal stopped after it saved its work: SIGINT as any Ctrl-C does
+    (exit 130), SIGTERM with one line on stderr and exit 143 (128 + 15, what a shell reports
+    for a process that SIGTERM killed, so schedulers and `timeout` see what happened)."""
+    if signal_name == "SIGINT":
         raise KeyboardInterrupt
+    if signal_name is not None:
+        if report:
+            print(f"tinygpt: stopped by {signal_name}; {saved}.", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[signal_name].value)
 
