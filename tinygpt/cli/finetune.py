@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 from pathlib import Path
 
 from tinygpt.cli import options
@@ -55,14 +53,4 @@ def handle(args: argparse.Namespace) -> None:
         print(f"LoRA rank {settings.rank} on {', '.join(settings.targets)}: mean loss "
               f"{first:.4f} (first {k} steps) -> {last:.4f} (last {k}) in {len(losses)} steps")
     print(f"wrote adapters to {out}")
-    _exit_if_interrupted(stop.received, f"saved the adapters of step {len(losses)} to {out}")
-
-
-def _exit_if_interrupted(signal_name: str | None, saved: str) -> None:
-    """As `train` ends: SIGINT as any Ctrl-C (exit 130), SIGTERM with one line and exit 143.
-    (Command modules do not import one another, so this is `train`'s, restated.)"""
-    if signal_name == "SIGINT":
-        raise KeyboardInterrupt
-    if signal_name is not None:
-        print(f"tinygpt: stopped by {signal_name}; {saved}.", file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[signal_name].value)
+    options.exit_if_interrupted(stop.received, f"saved the adapters of step {len(losses)} to {out}")

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
+import sys
 from pathlib import Path
 
 from tinygpt.config import PRESETS, ModelConfig
@@ -191,3 +193,15 @@ def add_optimizer(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default,
                            help=f"{help_} (default: {default})")
     add_seed(group)
+
+
+def exit_if_interrupted(signal_name: str | None, saved: str, *, report: bool = True) -> None:
+    """End a command that a signal stopped after it saved its work: SIGINT as any Ctrl-C does
+    (exit 130), SIGTERM with one line on stderr and exit 143 (128 + 15, what a shell reports
+    for a process that SIGTERM killed, so schedulers and `timeout` see what happened)."""
+    if signal_name == "SIGINT":
+        raise KeyboardInterrupt
+    if signal_name is not None:
+        if report:
+            print(f"tinygpt: stopped by {signal_name}; {saved}.", file=sys.stderr)
+        raise SystemExit(128 + signal.Signals[signal_name].value)

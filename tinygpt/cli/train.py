@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -78,18 +76,5 @@ def handle(args: argparse.Namespace) -> None:
         val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         print(f"step {result.step}{val}; checkpoint {result.checkpoint}; "
               f"loss curve {run_dir / 'loss_curve.png'}")
-    _exit_if_interrupted(result.interrupted, f"saved step {result.step} to {result.checkpoint}",
-                         report=rank == 0)
-
-
-def _exit_if_interrupted(signal_name: str | None, saved: str, *, report: bool = True) -> None:
-    """End a command that a signal stopped after it saved its work: SIGINT as any Ctrl-C does
-    (exit 130), SIGTERM with one line on stderr and exit 143 (128 + 15, what a shell reports
-    for a process that SIGTERM killed, so schedulers and `timeout` see what happened)."""
-    if signal_name == "SIGINT":
-        raise KeyboardInterrupt
-    if signal_name is not None:
-        if report:
-            print(f"tinygpt: stopped by {signal_name}; {saved}.", file=sys.stderr)
-        raise SystemExit(128 + signal.Signals[signal_name].value)
-
+    saved = f"saved step {result.step} to {result.checkpoint}"
+    options.exit_if_interrupted(result.interrupted, saved, report=rank == 0)
