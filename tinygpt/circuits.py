@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor
 from tinygpt.induction import induction_pattern_scores, previous_token_pattern_scores
 from tinygpt.inspection import hooks, run_with_cache
 from tinygpt.model import TinyDecoderModel, check_token_ids
+from tinygpt.pictures import display_token
 
 Metric = Callable[[Tensor], Tensor]  # logits (b t v) -> any tensor, e.g. a scalar
 
@@ -263,3 +265,34 @@ def composition_scores(model: TinyDecoderModel) -> dict[str, Tensor]:
     width = model.config.n_heads
     return {kind: torch.stack(s) if s else torch.zeros(0, width, width)
             for kind, s in scores.items()}
+
+
+def plot_patching(resid: Tensor, heads: Tensor, tokens: list[str], path: str | Path,
+                  title: str | None = None) -> Path:
+    """Save two heatmaps of patching results: the residual stream `(l t)` (rows: the input of
+    each block and the final output) and the heads `(l h)`, each cell the metric after patching
+    that piece. Drawn with matplotlib's object API, so no global state changes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_rows, t = resid.shape
+    figure = Figure(figsize=(max(6.0, 0.35 * t + 2 + 0.5 * heads.shape[1]), 1.2 + 0.45 * n_rows),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2, width_ratios=[t, max(heads.shape[1], 3)])
+    limit = float(max(resid.abs().max(), heads.abs().max(), 1e-6))
+    for ax, values in ((left, resid), (right, heads)):
+        image = ax.imshow(values.float().numpy(), cmap="RdBu", vmin=-limit, vmax=limit,
+                          aspect="auto")
+    left.set(xticks=range(t), yticks=range(n_rows), xlabel="position patched",
+             title="residual stream")
+    left.set_xticklabels([display_token(tok) for tok in tokens], fontsize=8)
+    left.set_yticklabels([f"block {n} in" for n in range(n_rows - 1)] + ["final"], fontsize=8)
+    right.set(xticks=range(heads.shape[1]), yticks=range(heads.shape[0]), xlabel="head",
+              title="head outputs (hook_z)")
+    right.set_yticklabels([f"layer {n}" for n in range(heads.shape[0])], fontsize=8)
+    figure.colorbar(image, ax=right, label="metric after patching")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.savefig(path, dpi=100, metadata={"Software": None})
+    return Path(path)
