@@ -62,6 +62,18 @@ train: data
 sample: $(STAMP)
 	$(VENV)/bin/tinygpt generate $(SAMPLE_ARGS)
 
+# `make induction`: a 2-layer attention-only model trained on Tiny Shakespeare mixed with random
+# tokens repeated, its heads scored as it trains (about two minutes on one core); writes
+# runs/induction/ and copies the figure to docs/induction.png. INDUCTION_ARGS adds any option.
+INDUCTION_ARGS ?=
+
+.PHONY: induction
+induction: $(STAMP)
+	$(VENV)/bin/tinygpt experiment induction --corpus tinyshakespeare \
+		$(if $(TINYGPT_TINYSHAKESPEARE),--tinyshakespeare $(TINYGPT_TINYSHAKESPEARE)) \
+		--out runs/induction $(INDUCTION_ARGS)
+	cp runs/induction/induction.png docs/induction.png
+
 bench-train: $(STAMP)
 	$(PY) benchmarks/train_recipe.py
 

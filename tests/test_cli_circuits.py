@@ -74,7 +74,7 @@ def test_the_induction_experiment_is_repeatable_and_writes_its_files(tmp_path, c
     first = run_induction(TEXT, tmp_path / "a", settings)
     second = run_induction(TEXT, tmp_path / "b", settings)
     assert first.metrics.read_bytes() == second.metrics.read_bytes()
-    assert first.figure.read_bytes() == second.figure.read_bytes()  # the same picture, byte for byte
+    assert first.figure.read_bytes() == second.figure.read_bytes()  # the same picture, bytewise
     records = [json.loads(line) for line in first.metrics.read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3, 6]
     assert len(records[0]["induction"]) == 2 and len(records[0]["induction"][0]) == 4

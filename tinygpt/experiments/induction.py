@@ -89,8 +89,26 @@ class InductionResult:
     k_composition: float
 
 
+def copied_segment_rows(vocab_size: int, batch: int, t: int, generator: torch.Generator) -> Tensor:
+    """`(b t)` rows of random tokens in which one random segment (4 to t/2 tokens long) appears
+    a second time, later, at a random place.
+
+    The length and the distance vary from row to row on purpose: with one fixed period a head
+    attending a fixed number of positions back predicts the copy as well as an induction head
+    does, and a 2-layer model learns that shortcut first (it then scores as an induction head on
+    rows of the same period, without looking at tokens at all).
+    """
+    rows = torch.randint(vocab_size, (batch, t), generator=generator)
+    for row in rows:
+        length = int(torch.randint(4, t // 2 + 1, (1,), generator=generator))
+        first = int(torch.randint(0, t - 2 * length + 1, (1,), generator=generator))
+        second = int(torch.randint(first + length, t - length + 1, (1,), generator=generator))
+        row[second:second + length] = row[first:first + length]
+    return rows
+
+
 class _Batches:
-    """Training rows `(b t+1)`: text windows and random tokens repeated, from one seeded
+    """Training rows `(b t+1)`: text windows and rows with a copied segment, from one seeded
     generator; the two kinds are shuffled together so no row position favours either."""
 
     def __init__(self, ids: Tensor, vocab_size: int, settings: InductionSettings):
@@ -100,10 +118,10 @@ class _Batches:
     def next(self) -> tuple[Tensor, Tensor]:
         s, g = self.settings, self.generator
         n_repeat = round(s.repeat_fraction * s.batch_size)
-        starts = torch.randint(len(self.ids) - s.max_seq - 1, (s.batch_size - n_repeat,),
+        starts = torch.randint(len(self.ids) - s.max_seq - 1, (s.batch_size - n_repeat, 1),
                                generator=g)
-        text = torch.stack([self.ids[i:i + s.max_seq + 1] for i in starts.tolist()])
-        repeats = repeated_tokens(self.vocab_size, n_repeat, s.max_seq + 1, g)
+        text = self.ids[starts + torch.arange(s.max_seq + 1)]  # b (t+1)
+        repeats = copied_segment_rows(self.vocab_size, n_repeat, s.max_seq + 1, g)
         rows = torch.cat([text, repeats])[torch.randperm(s.batch_size, generator=g)]
         return rows[:, :-1], rows[:, 1:]
 
