@@ -40,14 +40,14 @@ from tinygpt.tokenizer import CharTokenizer
 class InductionSettings:
     """The run: model sizes, optimisation, the share of repeated rows and how often to measure."""
 
-    steps: int = 1200
+    steps: int = 4000
     batch_size: int = 32
-    lr: float = 1e-3
-    eval_every: int = 20
-    repeat_fraction: float = 0.5  # of each batch's rows: random tokens repeated twice
-    d_model: int = 64
+    lr: float = 3e-3
+    eval_every: int = 50
+    repeat_fraction: float = 0.5  # of each batch's rows: random tokens with a copied segment
+    d_model: int = 128
     n_heads: int = 4
-    max_seq: int = 64
+    max_seq: int = 32
     eval_windows: int = 512  # held-out text windows for the loss and the in-context score
     seed: int = 0
 
@@ -59,8 +59,8 @@ class InductionSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not 0.0 <= self.repeat_fraction <= 1.0:
             raise ValueError(f"repeat_fraction must be in [0, 1], got {self.repeat_fraction!r}.")
-        if self.max_seq < 20:
-            raise ValueError(f"max_seq must be at least 20 for the in-context score, got "
+        if self.max_seq < 10:
+            raise ValueError(f"max_seq must be at least 10 for the in-context score, got "
                              f"{self.max_seq}.")
 
     @property
