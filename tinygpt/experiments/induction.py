@@ -40,13 +40,13 @@ from tinygpt.tokenizer import CharTokenizer
 class InductionSettings:
     """The run: model sizes, optimisation, the share of repeated rows and how often to measure."""
 
-    steps: int = 4000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
-    eval_every: int = 50
-    repeat_fraction: float = 0.5  # of each batch's rows: random tokens with a copied segment
-    d_model: int = 128
-    n_heads: int = 4
+    eval_every: int = 40
+    repeat_fraction: float = 0.75  # of each batch's rows: random tokens with a copied segment
+    d_model: int = 64
+    n_heads: int = 2
     max_seq: int = 32
     eval_windows: int = 512  # held-out text windows for the loss and the in-context score
     seed: int = 0
