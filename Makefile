@@ -72,7 +72,7 @@ INDUCTION_ARGS ?=
 induction: $(STAMP)
 	$(VENV)/bin/tinygpt experiment induction --corpus tinyshakespeare \
 		$(if $(TINYGPT_TINYSHAKESPEARE),--tinyshakespeare $(TINYGPT_TINYSHAKESPEARE)) \
-		--out runs/induction $(INDUCTION_ARGS)
+		--seed 0 --out runs/induction $(INDUCTION_ARGS)
 	cp runs/induction/induction.png docs/induction.png
 	rm -rf docs/induction-model && mkdir -p docs/induction-model
 	cp -r runs/induction/ckpt-* docs/induction-model/
