@@ -12,6 +12,7 @@ from tinygpt.checkpoint import load_checkpoint, save_checkpoint
 from tinygpt.circuits import direct_logit_attribution, patch
 from tinygpt.cli import main
 from tinygpt.experiments.induction import InductionSettings, jump_step, run_induction
+from tinygpt.pictures import display_token
 from tinygpt.tokenizer import CharTokenizer
 
 TEXT = 40 * "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me!\n\n"
@@ -57,10 +58,10 @@ def test_lens_prints_the_models_own_top_token_in_its_last_column(run, capsys):
     ckpt = load_checkpoint(run)
     idx = torch.tensor([ckpt.tokenizer.encode(prompt)])
     logits = ckpt.model(idx)[0]
-    rows = re.findall(r"^\s+(\d+)\s+'(.)'\s+'(.)' (\d\.\d\d)\s+'(.)' (\d\.\d\d)$", out, re.M)
+    rows = re.findall(r"^\s+(\d+)\s+'(.+?)'\s+'(.+?)' (\d\.\d\d)\s+'(.+?)' (\d\.\d\d)$", out, re.M)
     assert len(rows) == len(prompt)
     for t, row in enumerate(rows):
-        assert row[4].replace("·", " ") == ckpt.tokenizer.decode([int(logits[t].argmax())])
+        assert row[4] == display_token(ckpt.tokenizer.decode([int(logits[t].argmax())]))
     s, w = ckpt.tokenizer.encode("sw")
     total = direct_logit_attribution(ckpt.model, idx, s, w).logit_diff[0]
     assert f"(total {total:.3f})" in out and "L1H3" in out

@@ -27,15 +27,15 @@ def handle(args: argparse.Namespace) -> None:
 
     _, ckpt = options.load_selected_checkpoint(args)
     idx, ids = options.prompt_ids(ckpt, args.prompt, "prompt")
-    decode = lambda i: display_token(ckpt.tokenizer.decode([i]))  # noqa: E731
+    decode = lambda i: f"'{display_token(ckpt.tokenizer.decode([i]))}'"  # noqa: E731
     probs, top = top_tokens(logit_lens(ckpt.model, idx), k=1)  # l b t 1
     n_layers = ckpt.config.n_layers
     print("top next token (probability) read from the residual stream after each block:")
     print(f"{'pos':>4} {'token':>8} " + " ".join(f"{f'block {n}':>14}" for n in range(n_layers)))
     for t, token in enumerate(ids):
-        cells = [f"{decode(int(top[n, 0, t, 0]))!r:>8} {probs[n, 0, t, 0]:.2f}"
+        cells = [f"{decode(int(top[n, 0, t, 0])):>8} {probs[n, 0, t, 0]:.2f}"
                  for n in range(n_layers)]
-        print(f"{t:>4} {decode(token)!r:>8} " + " ".join(f"{c:>14}" for c in cells))
+        print(f"{t:>4} {decode(token):>8} " + " ".join(f"{c:>14}" for c in cells))
     if args.target is None:
         return
     target = options.token_id(ckpt, args.target, "target")
