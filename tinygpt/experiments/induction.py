@@ -1,17 +1,16 @@
-"""Watch induction heads form: a 2-layer attention-only model trained on text mixed with random
-tokens repeated, with its heads scored at every evaluation (Olsson et al. 2022, in miniature).
+"""Watch induction heads form: a 2-layer attention-only model trained on text mixed with rows of
+random tokens that contain a copied segment, its heads scored at every evaluation (Olsson et al.
+2022, in miniature).
 
-The corpus mixes two kinds of rows in every batch. Text rows (a character-level corpus such as
-Tiny Shakespeare) reward previous-token heads and n-gram statistics; rows of random tokens repeated
-twice reward induction alone, since the second copy can only be predicted by looking up the first.
-On text alone a model this small forms induction heads too, but only after far more steps than a
-two-minute run allows: repeats in 64 characters of prose are too rare to pay much. The
-in-context-learning score is measured on held-out text only, so it shows whether the circuit
-learned on the repeats helps on prose.
+Text rows (a character-level corpus such as Tiny Shakespeare) reward previous-token heads and
+n-gram statistics; in the random rows the second copy of a segment can only be predicted by
+looking up the first, which rewards induction alone (`copied_segment_rows` says why the copy's
+length and distance vary). Repeats within a short window of prose are rare, so text alone pays
+little for the circuit in a run of a couple of minutes. The in-context-learning score is measured
+on held-out text only, so it shows whether the circuit learned on the random rows helps on prose.
 
 This is a small loop of its own rather than `tinygpt.train.train`: the trainer samples one token
-file and logs a fixed set of metrics, while this run mixes two sources and logs head scores.
-"""
+file and logs a fixed set of metrics, while this run mixes two sources and logs head scores."""
 
 from __future__ import annotations
 
