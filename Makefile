@@ -62,6 +62,21 @@ train: data
 sample: $(STAMP)
 	$(VENV)/bin/tinygpt generate $(SAMPLE_ARGS)
 
+# `make induction`: a 2-layer attention-only model trained on Tiny Shakespeare mixed with random
+# tokens repeated, its heads scored as it trains (about two minutes on one core); writes
+# runs/induction/ and copies the figure and the checkpoint to docs/ (docs/induction.md and the
+# tour use them). INDUCTION_ARGS adds any `tinygpt experiment induction` option.
+INDUCTION_ARGS ?=
+
+.PHONY: induction
+induction: $(STAMP)
+	$(VENV)/bin/tinygpt experiment induction --corpus tinyshakespeare \
+		$(if $(TINYGPT_TINYSHAKESPEARE),--tinyshakespeare $(TINYGPT_TINYSHAKESPEARE)) \
+		--seed 0 --out runs/induction $(INDUCTION_ARGS)
+	cp runs/induction/induction.png docs/induction.png
+	rm -rf docs/induction-model && mkdir -p docs/induction-model
+	cp -r runs/induction/ckpt-* docs/induction-model/
+
 bench-train: $(STAMP)
 	$(PY) benchmarks/train_recipe.py
 

@@ -39,8 +39,8 @@ def test_heads_prints_every_heads_ablation_loss_rise_and_kind(run, capsys):
     assert main(["heads", "--checkpoint", str(run_dir), "--corpus", str(corpus),
                  "--device", "cpu", "--windows", "4", "--val-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
-    rows = re.findall(r"^\s+(\d)\s+(\d)\s+([+-]\d\.\d{4})\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$", out,
-                      re.M)
+    rows = re.findall(r"^\s+(\d)\s+(\d)\s+([+-]\d\.\d{4})\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$",
+                      out, re.M)
     assert len(rows) == 8
     # The numbers are the library's on the same windows.
     ckpt = load_checkpoint(run_dir)
@@ -49,9 +49,10 @@ def test_heads_prints_every_heads_ablation_loss_rise_and_kind(run, capsys):
     base, rise = head_importance(ckpt.model, idx, targets)
     scores = classify_heads(ckpt.model, idx)
     assert f"validation loss {base:.4f} on 4 windows of 32 tokens (step 7)" in out
-    for (layer, head, shown, prev, _first, _itself, kind), s in zip(rows, scores):
+    for (layer, head, shown, prev, _first, _itself, induct, kind), s in zip(rows, scores):
         assert float(shown) == pytest.approx(rise[int(layer), int(head)].item(), abs=1e-4)
         assert float(prev) == pytest.approx(s.previous_token, abs=1e-3)
+        assert float(induct) == pytest.approx(s.induction, abs=1e-3)
         assert kind == s.kind
     assert "most important: layer" in out
 

@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from tinygpt.attention import HookPoint
+from tinygpt.induction import induction_pattern_scores, repeated_tokens
 from tinygpt.model import TinyDecoderModel, check_token_ids, next_token_loss
 
 # A hook function gets the activation and returns a replacement, or None to leave it as it is.
 HookFn = Callable[[Tensor], Tensor | None]
 
-HEAD_KINDS = ("previous-token", "first-token", "self")
+HEAD_KINDS = ("previous-token", "first-token", "self")  # read from the attention on text
+INDUCTION = "induction"  # read from the attention on random tokens repeated (tinygpt.induction)
 
 
 def hook_names(model: nn.Module) -> list[str]:
@@ -146,14 +148,16 @@ def head_importance(model: TinyDecoderModel, idx: Tensor, targets: Tensor) -> tu
 @dataclass(frozen=True)
 class HeadScores:
     """How much one head attends, on average over queries from the third on, to the previous token,
-    the first token and itself; `kind` is the largest of the three when it reaches the threshold."""
+    the first token and itself, and its induction score; `kind` is the largest of the four when it
+    reaches the threshold."""
 
     layer: int
     head: int
     previous_token: float
     first_token: float
     self_token: float
-    kind: str  # one of HEAD_KINDS, or "mixed"
+    induction: float
+    kind: str  # one of HEAD_KINDS, INDUCTION, or "mixed"
 
 
 def pattern_scores(pattern: Tensor) -> Tensor:
@@ -173,20 +177,34 @@ def pattern_scores(pattern: Tensor) -> Tensor:
 @torch.no_grad()
 def classify_heads(model: TinyDecoderModel, idx: Tensor,
                    threshold: float = 0.4) -> list[HeadScores]:
-    """Score every head on idx `(b t)` as previous-token, first-token and self head.
+    """Score every head on idx `(b t)` as previous-token, first-token and self head, and as
+    induction head on random tokens of the same shape repeated (`_induction_scores`).
 
     A score is the mean attention weight on that key, so 1.0 is a perfect head of the kind and
-    1/position is what uniform attention would give.
+    1/position is what uniform attention would give. Needs t >= 4 (two copies of two tokens).
     """
     names = [f"blocks.{n}.attention.hook_pattern" for n in range(model.config.n_layers)]
     _, cache = run_with_cache(model, idx, names)
+    induction = _induction_scores(model, idx.shape, names)
+    kinds = (*HEAD_KINDS, INDUCTION)
     result = []
     for layer, name in enumerate(names):
         for head, scores in enumerate(pattern_scores(cache[name]).tolist()):
-            best = max(range(len(HEAD_KINDS)), key=lambda k: scores[k])
-            kind = HEAD_KINDS[best] if scores[best] >= threshold else "mixed"
+            scores = [*scores, induction[layer][head]]
+            best = max(range(len(kinds)), key=lambda k: scores[k])
+            kind = kinds[best] if scores[best] >= threshold else "mixed"
             result.append(HeadScores(layer, head, *scores, kind=kind))
     return result
+
+
+def _induction_scores(model: TinyDecoderModel, shape: torch.Size,
+                      names: list[str]) -> list[list[float]]:
+    """Per layer and head, the induction score on seeded random tokens of `shape` `(b t)` repeated
+    (same shape as the text, so an intervention sized for it fits here too)."""
+    batch, t = shape
+    rows = repeated_tokens(model.config.vocab_size, batch, t, torch.Generator().manual_seed(0))
+    _, cache = run_with_cache(model, rows.to(next(model.parameters()).device), names)
+    return [induction_pattern_scores(cache[name]).tolist() for name in names]
 
 
 def eval_windows(ids: list[int] | Tensor, max_seq: int, n_windows: int) -> tuple[Tensor, Tensor]:

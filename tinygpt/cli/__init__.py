@@ -14,9 +14,22 @@ import sys
 import traceback
 
 from tinygpt.allocator import keep_freed_memory
-from tinygpt.cli import finetune, generate, heads, inspect, prepare, summary, tokenizer, train
+from tinygpt.cli import (
+    experiment,
+    finetune,
+    generate,
+    heads,
+    inspect,
+    lens,
+    patch,
+    prepare,
+    summary,
+    tokenizer,
+    train,
+)
 
-COMMANDS = (summary, prepare, tokenizer, train, generate, heads, inspect, finetune)
+COMMANDS = (summary, prepare, tokenizer, train, generate, heads, inspect, patch, lens, finetune,
+            experiment)
 DEBUG_VARIABLE = "TINYGPT_DEBUG"
 
 

@@ -1,5 +1,5 @@
 """`tinygpt heads`: rank a checkpoint's attention heads by the loss rise when each is ablated,
-and name the kind of each (previous-token, first-token, self, mixed)."""
+and name the kind of each (previous-token, first-token, self, induction, mixed)."""
 
 from __future__ import annotations
 
@@ -41,9 +41,11 @@ def handle(args: argparse.Namespace) -> None:
     scores = classify_heads(ckpt.model, idx, threshold=args.threshold)
     print(f"validation loss {base:.4f} on {idx.shape[0]} windows of {idx.shape[1]} tokens "
           f"(step {ckpt.step}); loss rise when each head alone is zero-ablated:")
-    print(f"{'layer':>5} {'head':>4} {'loss rise':>9} {'prev':>6} {'first':>6} {'self':>6}  kind")
+    print(f"{'layer':>5} {'head':>4} {'loss rise':>9} {'prev':>6} {'first':>6} {'self':>6} "
+          f"{'induct':>6}  kind")
     for s in scores:
         print(f"{s.layer:>5} {s.head:>4} {rise[s.layer, s.head].item():>+9.4f} "
-              f"{s.previous_token:>6.3f} {s.first_token:>6.3f} {s.self_token:>6.3f}  {s.kind}")
+              f"{s.previous_token:>6.3f} {s.first_token:>6.3f} {s.self_token:>6.3f} "
+              f"{s.induction:>6.3f}  {s.kind}")
     top = torch.argmax(rise).item()
     print(f"most important: layer {top // rise.shape[1]} head {top % rise.shape[1]}")

@@ -205,3 +205,23 @@ def exit_if_interrupted(signal_name: str | None, saved: str, *, report: bool = T
         if report:
             print(f"tinygpt: stopped by {signal_name}; {saved}.", file=sys.stderr)
         raise SystemExit(128 + signal.Signals[signal_name].value)
+
+
+# --- prompts and single tokens (patch, lens) -------------------------------------------------
+
+def prompt_ids(ckpt, text: str, what: str):
+    """`(1 t)` token ids of `text` (its last max_seq tokens) on the model's device, and the ids."""
+    import torch
+
+    ids = ckpt.tokenizer.encode(text)[-ckpt.config.max_seq:]
+    if not ids:
+        raise ValueError(f"the {what} {text!r} encodes to no tokens.")
+    return torch.tensor([ids], device=next(ckpt.model.parameters()).device), ids
+
+
+def token_id(ckpt, text: str, flag: str) -> int:
+    """The id of `text`, which must encode to exactly one token (the value of `--flag`)."""
+    ids = ckpt.tokenizer.encode(text)
+    if len(ids) != 1:
+        raise ValueError(f"--{flag} {text!r} must be exactly one token, got {len(ids)}.")
+    return ids[0]

@@ -1,0 +1,1 @@
+"""Small seeded experiments that train a model and draw what happened (`tinygpt experiment`)."""
