@@ -1,0 +1,414 @@
+"""The tiled attention (FlashAttention by hand) is the dense attention, in linear memory.
+
+Oracles: `scaled_dot_product` (the dense hand-written core) and `nn.MultiheadAttention` with
+identity projections, both given a dense float mask built here from positions, with no code of
+`tinygpt.tiled`; the log-sum-exp against `torch.logsumexp` of the dense masked scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from einops import rearrange
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.harness import peak_memory
+from tinygpt.attention import scaled_dot_product
+from tinygpt.tiled import TileMask, tile_plan, tiled_attention, tiles
+
+# fp64: forward (and log-sum-exp) rtol = atol = 1e-10, gradients rtol 1e-8 / atol 1e-9.
+# fp32: 1e-5 for both; the tiled sums are reordered, so bitwise equality is not expected.
+FORWARD_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+GRAD_TOL = {torch.float64: dict(rtol=1e-8, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One drawn call: sizes, tile sizes, a mask description (as plain values) and a seed."""
+
+    batch: int
+    heads: int
+    n_queries: int
+    n_keys: int
+    d_head: int
+    query_tile: int
+    key_tile: int
+    causal: bool
+    window: int | None
+    padding: bool
+    documents: bool
+    bias: str | None  # None, "tensor" (random, some -inf) or "alibi" (a callable)
+    dtype: torch.dtype
+    seed: int
+
+    @property
+    def query_offset(self) -> int:
+        return self.n_keys - self.n_queries  # the queries are the last positions (a cache)
+
+    def tensors(self):
+        """q `(b h i d)`, k, v `(b h j d)`, grad_out `(b h i d)`, grad_lse `(b h i)`, is_pad
+        `(b j)`, document_ids `(b j)` and a bias tensor `(b h i j)`, all drawn from the seed."""
+        g = torch.Generator().manual_seed(self.seed)
+        b, h, i, j, d = self.batch, self.heads, self.n_queries, self.n_keys, self.d_head
+        randn = lambda *shape: torch.randn(*shape, generator=g, dtype=self.dtype)  # noqa: E731
+        q, k, v, grad_out, grad_lse = randn(b, h, i, d), randn(b, h, j, d), randn(b, h, j, d), \
+            randn(b, h, i, d), randn(b, h, i)
+        is_pad = torch.rand(b, j, generator=g) < 0.3
+        document_ids = torch.randint(0, 3, (b, j), generator=g).sort(dim=-1).values
+        bias = randn(b, h, i, j).masked_fill(torch.rand(b, h, i, j, generator=g) < 0.2, -math.inf)
+        return q, k, v, grad_out, grad_lse, is_pad, document_ids, bias
+
+
+def alibi(heads: int, dtype):
+    """ALiBi's bias as a callable: -slope_h x (query position - key position), `(h i j)`."""
+    slopes = rearrange(2.0 ** -torch.arange(1, heads + 1, dtype=dtype), "h -> h 1 1")
+    return lambda query, key: -slopes * (rearrange(query, "i -> i 1") - key).to(dtype)
+
+
+def tile_mask(case: Case, is_pad, document_ids, bias) -> TileMask:
+    chosen = {None: None, "tensor": bias, "alibi": alibi(case.heads, case.dtype)}[case.bias]
+    return TileMask(causal=case.causal, window=case.window, query_offset=case.query_offset,
+                    is_pad=is_pad if case.padding else None,
+                    document_ids=document_ids if case.documents else None, bias=chosen)
+
+
+def dense_mask(case: Case, is_pad, document_ids, bias) -> torch.Tensor:
+    """The oracle's additive mask `(b h i j)`, element by element from positions."""
+    b, h, i, j = case.batch, case.heads, case.n_queries, case.n_keys
+    query = torch.arange(i) + case.query_offset
+    key = torch.arange(j)
+    behind = query[:, None] - key[None, :]  # i j: how far the key is behind the query
+    blocked = torch.zeros(b, h, i, j, dtype=torch.bool)
+    if case.causal:
+        blocked |= behind < 0
+    if case.window is not None:
+        blocked |= behind >= case.window
+    if case.padding:
+        blocked |= is_pad[:, None, None, :]
+    if case.documents:
+        query_ids = document_ids[:, case.query_offset:]
+        blocked |= query_ids[:, None, :, None] != document_ids[:, None, None, :]
+    mask = torch.zeros(b, h, i, j, dtype=case.dtype).masked_fill(blocked, -math.inf)
+    if case.bias == "tensor":
+        mask = mask + bias
+    elif case.bias == "alibi":
+        slopes = 2.0 ** -torch.arange(1, h + 1, dtype=case.dtype)
+        mask = mask - slopes[:, None, None] * behind.to(case.dtype)
+    return mask
+
+
+def oracle_lse(q, k, mask):
+    """log-sum-exp of each row's masked scores `(b h i)`: -inf (with a zero gradient) for a row
+    with no visible key, whose torch.logsumexp gradient would be NaN."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask
+    empty = torch.isneginf(mask).all(dim=-1)
+    lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1)
+    return lse.masked_fill(empty, -math.inf)
+
+
+def mha_core(q, k, v, mask):
+    """nn.MultiheadAttention with identity projections: its core alone, on `(b h i d)` tensors,
+    given the float mask as `((b h) i j)`."""
+    b, h, _, d = q.shape
+    e = h * d
+    mha = nn.MultiheadAttention(e, h, batch_first=True).to(q.dtype)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.eye(e, dtype=q.dtype).repeat(3, 1))
+        mha.in_proj_bias.zero_()
+        mha.out_proj.weight.copy_(torch.eye(e, dtype=q.dtype))
+        mha.out_proj.bias.zero_()
+    merge = lambda x: rearrange(x, "b h t d -> b t (h d)")  # noqa: E731
+    out, _ = mha(merge(q), merge(k), merge(v), attn_mask=rearrange(mask, "b h i j -> (b h) i j"),
+                 need_weights=False)
+    return rearrange(out, "b t (h d) -> b h t d", h=h)
+
+
+@st.composite
+def cases(draw, dtypes=(torch.float64, torch.float32)) -> Case:
+    n_queries = draw(st.integers(1, 24))
+    n_keys = n_queries + draw(st.sampled_from([0, 0, 1, 7]))
+    return Case(
+        batch=draw(st.integers(1, 3)), heads=draw(st.integers(1, 3)), n_queries=n_queries,
+        n_keys=n_keys, d_head=draw(st.integers(1, 6)),
+        query_tile=draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16, 32])),
+        key_tile=draw(st.sampled_from([2, 3, 4, 7, 8, 16, 32])),
+        causal=draw(st.booleans()), window=draw(st.none() | st.integers(1, 9)),
+        padding=draw(st.booleans()), documents=draw(st.booleans()),
+        bias=draw(st.sampled_from([None, "tensor", "alibi"])),
+        dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+SMALL = Case(2, 2, 9, 9, 3, 4, 4, True, None, False, False, None, torch.float64, 0)
+EVERYTHING = Case(3, 3, 13, 20, 4, 5, 3, True, 6, True, True, "tensor", torch.float64, 1)
+ONE_TOKEN = Case(1, 2, 1, 1, 4, 128, 128, True, None, False, False, None, torch.float64, 2)
+DECODE = Case(2, 3, 1, 23, 4, 1, 4, True, None, True, False, "alibi", torch.float32, 3)
+
+
+def run_both(case: Case):
+    """(tiled, dense, mha) each as (out, lse or None, grads of q, k, v) for one case."""
+    q, k, v, grad_out, grad_lse, is_pad, document_ids, bias = case.tensors()
+    mask = dense_mask(case, is_pad, document_ids, bias)
+    results = []
+    for name in ("tiled", "dense", "mha"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if name == "tiled":
+            out, lse = tiled_attention(*leaves, tile_mask(case, is_pad, document_ids, bias),
+                                       query_tile=case.query_tile, key_tile=case.key_tile)
+        elif name == "dense":
+            out, lse = scaled_dot_product(*leaves, mask)[0], oracle_lse(*leaves[:2], mask)
+        else:
+            out, lse = mha_core(*leaves, mask), None
+        loss = (out * grad_out).sum()
+        if lse is not None:
+            loss = loss + (lse.masked_fill(torch.isneginf(lse), 0.0) * grad_lse).sum()
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((out.detach(), None if lse is None else lse.detach(), grads))
+    return results
+
+
+@given(case=cases())
+@example(case=SMALL)
+@example(case=EVERYTHING)
+@example(case=ONE_TOKEN)
+@example(case=DECODE)
+def test_tiled_equals_dense_and_mha(case):
+    """Output, log-sum-exp and the gradients of q, k, v (of a loss using both outputs) equal the
+    dense core's; output and gradients (of the output alone) equal nn.MultiheadAttention's.
+
+    Drawn: lengths 1..24 with 0, 1 or 7 cached keys, tiles of 1..32 (multiples or not, larger
+    than the sequence or not), causal, window, padding, documents, a tensor bias with -inf
+    entries or an ALiBi callable, in every combination; fully masked rows arise from all but
+    causal."""
+    (out, lse, grads), (dense_out, dense_lse, dense_grads), (mha_out, _, _) = run_both(case)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(out, dense_out, **FORWARD_TOL[case.dtype])
+    torch.testing.assert_close(out, mha_out, **FORWARD_TOL[case.dtype])
+    torch.testing.assert_close(lse, dense_lse, **FORWARD_TOL[case.dtype])
+    for got, want in zip(grads, dense_grads):
+        torch.testing.assert_close(got, want, **GRAD_TOL[case.dtype])
+
+
+@settings(max_examples=25)
+@given(case=cases())
+def test_tiled_gradients_equal_mha(case):
+    """Gradients of the output alone against nn.MultiheadAttention (which has no log-sum-exp)."""
+    q, k, v, grad_out, _, is_pad, document_ids, bias = case.tensors()
+    mask = dense_mask(case, is_pad, document_ids, bias)
+    grads = {}
+    for name in ("tiled", "mha"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = (tiled_attention(*leaves, tile_mask(case, is_pad, document_ids, bias),
+                               query_tile=case.query_tile, key_tile=case.key_tile)[0]
+               if name == "tiled" else mha_core(*leaves, mask))
+        grads[name] = torch.autograd.grad((out * grad_out).sum(), leaves)
+    for got, want in zip(grads["tiled"], grads["mha"]):
+        torch.testing.assert_close(got, want, **GRAD_TOL[case.dtype])
+
+
+def test_fully_masked_rows_give_zero_output_and_finite_zero_gradients():
+    """A query whose keys are all padding, or all in another document, or all -inf in the bias,
+    outputs 0 with lse -inf; its q gets a zero gradient, every gradient is finite."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 3, generator=g, dtype=torch.float64).requires_grad_()
+               for _ in range(3))
+    is_pad = torch.zeros(2, 6, dtype=torch.bool)
+    is_pad[0] = True  # batch row 0: no key at all
+    bias = torch.zeros(2, 2, 6, 6, dtype=torch.float64)
+    bias[1, 1, 4] = -math.inf  # batch 1, head 1, query 4: every key blocked
+    out, lse = tiled_attention(q, k, v, TileMask(causal=True, is_pad=is_pad, bias=bias),
+                               query_tile=4, key_tile=4)
+    assert (out[0] == 0).all() and (out[1, 1, 4] == 0).all()
+    assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, 1, 4])
+    assert torch.isfinite(lse[1, 0]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (q.grad[0] == 0).all() and (q.grad[1, 1, 4] == 0).all()
+
+
+def test_gradcheck_of_output_and_log_sum_exp():
+    """Every derivative of out and lse wrt q, k, v against finite differences (fp64), across
+    three query tiles, three key tiles, a cache offset and padding."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    is_pad = torch.tensor([[True, False, False, False, False, False, False]])
+    mask = TileMask(causal=True, query_offset=2, is_pad=is_pad)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: tiled_attention(q, k, v, mask, query_tile=2, key_tile=3), (q, k, v))
+
+
+def test_gradgradcheck_second_derivatives():
+    """The backward is itself differentiable (plain torch operations on saved q, k, v, out and
+    lse), so second derivatives match finite differences too (fast mode keeps it short)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    mask = TileMask(causal=True, window=4)
+    f = lambda q, k, v: tiled_attention(q, k, v, mask, query_tile=4, key_tile=3)  # noqa: E731
+    assert torch.autograd.gradgradcheck(f, (q, k, v), fast_mode=True)
+
+
+# ------------------------------------------------------------------ the structure, from ints
+
+@st.composite
+def structures(draw):
+    """A structural mask and one tile of it: causal, window, documents, a cache offset."""
+    n_queries, extra = draw(st.integers(1, 20)), draw(st.integers(0, 6))
+    n_keys = n_queries + extra
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    ids = torch.randint(0, 4, (2, n_keys), generator=g).sort(dim=-1).values
+    mask = TileMask(causal=draw(st.booleans()), window=draw(st.none() | st.integers(1, 8)),
+                    query_offset=extra, document_ids=ids if draw(st.booleans()) else None)
+    r0 = draw(st.integers(0, n_queries - 1))
+    c0 = draw(st.integers(0, n_keys - 1))
+    rows = range(r0, draw(st.integers(r0 + 1, n_queries)))
+    cols = range(c0, draw(st.integers(c0 + 1, n_keys)))
+    return mask, n_queries, n_keys, rows, cols
+
+
+@settings(max_examples=200)
+@given(drawn=structures())
+def test_is_blocked_and_is_open_are_exact(drawn):
+    """From ints alone, `is_blocked` says the whole tile is -inf in the mask and `is_open` says
+    none of it is: exactly what the dense tile says (not merely on the safe side)."""
+    mask, n_queries, n_keys, rows, cols = drawn
+    dense = mask.dense(n_queries, n_keys, dtype=torch.float64)
+    blocked = torch.zeros(1, 1, n_queries, n_keys, dtype=torch.bool) if dense is None \
+        else torch.isneginf(dense)
+    part = blocked[..., rows.start:rows.stop, cols.start:cols.stop]
+    assert mask.is_blocked(rows, cols) == bool(part.all())
+    assert mask.is_open(rows, cols) == (not bool(part.any()))
+
+
+def count_tiles(mask: TileMask, n: int, tile: int) -> int:
+    """How many tiles a forward pass really computes: the bias is called once per computed tile."""
+    calls = []
+
+    def zero_bias(query, key):
+        calls.append((int(query[0]), int(key[0])))
+        return torch.zeros(len(query), len(key))
+
+    counted = TileMask(causal=mask.causal, window=mask.window, document_ids=mask.document_ids,
+                       bias=zero_bias)
+    q = torch.randn(1, 1, n, 4)
+    with torch.no_grad():
+        tiled_attention(q, q, q, counted, query_tile=tile, key_tile=tile)
+    assert len(set(calls)) == len(calls)  # no tile twice
+    return len(calls)
+
+
+def blocked_tiles(mask: TileMask, n: int, tile: int) -> int:
+    """The oracle: tiles whose dense mask is -inf everywhere, looked at element by element."""
+    dense = torch.isneginf(mask.dense(n, n))
+    return sum(bool(dense[..., r.start:r.stop, c.start:c.stop].all())
+               for r in tiles(n, tile) for c in tiles(n, tile))
+
+
+def test_causal_tiles_above_the_diagonal_are_skipped():
+    """64 positions in tiles of 8: 8 x 8 tiles, of which the 28 above the diagonal are skipped
+    and 36 (half plus the diagonal) computed."""
+    mask = TileMask(causal=True)
+    assert count_tiles(mask, 64, 8) == 36 == 64 - blocked_tiles(mask, 64, 8)
+    assert sum(len(cols) for _, cols in tile_plan(64, 64, mask, query_tile=8, key_tile=8)) == 36
+
+
+def test_window_and_document_tiles_are_skipped():
+    """A causal window of 16 keys over 64 positions in tiles of 8 computes only the band: each
+    row of tiles its diagonal tile and the two before it (3 x 8 - 3 = 21 tiles, not 64); four
+    packed documents of 16 keep only the tiles inside a document (4 x 3 = 12)."""
+    window = TileMask(causal=True, window=16)
+    assert count_tiles(window, 64, 8) == 21 == 64 - blocked_tiles(window, 64, 8)
+    ids = torch.arange(64).div(16, rounding_mode="floor").unsqueeze(0)
+    documents = TileMask(causal=True, document_ids=ids)
+    assert count_tiles(documents, 64, 8) == 12 == 64 - blocked_tiles(documents, 64, 8)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+def largest_allocation(fn) -> int:
+    """The largest single block torch's CPU allocator handed out while `fn()` ran (the
+    allocation events of the profiler's event tree, as `benchmarks.harness.peak_memory` reads)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocation = torch._C._profiler._EventType.Allocation
+    events, largest = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    while events:
+        event = events.pop()
+        if event.tag == allocation:
+            largest = max(largest, event.extra_fields.alloc_size)
+        events.extend(event.children)
+    return largest
+
+
+def fwd_bwd(run, n: int):
+    """forward + backward of `run(q, k, v)` at n positions (1 head of width 16, fp32)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=g).requires_grad_() for _ in range(3))
+    return lambda: run(q, k, v).sum().backward()
+
+
+def tiled_run(tile):
+    return lambda q, k, v: tiled_attention(q, k, v, TileMask(causal=True), query_tile=tile,
+                                           key_tile=tile)[0]
+
+
+def dense_run(q, k, v):
+    n = q.shape[2]
+    mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+    return scaled_dot_product(q, k, v, torch.zeros(n, n).masked_fill(mask, -math.inf))[0]
+
+
+def test_memory_grows_linearly_and_no_i_by_j_tensor_is_allocated():
+    """Peak memory of forward + backward above the start (the profiler's allocation log, as the
+    benchmarks measure it): doubling the context from 512 to 1,024 at most doubles the tiled
+    path's (plus 128 KiB for a few 64 x 64 tiles) while the dense path's quadruples; and no
+    single allocation of the tiled path is as large as one i x j matrix."""
+    cpu = torch.device("cpu")
+    tiled = [peak_memory(fwd_bwd(tiled_run(64), n), cpu) for n in (512, 1024)]
+    dense = [peak_memory(fwd_bwd(dense_run, n), cpu) for n in (512, 1024)]
+    assert tiled[1] <= 2 * tiled[0] + 128 * 1024, tiled
+    assert dense[1] >= 3.5 * dense[0], dense
+    assert tiled[1] < dense[1] / 8
+    assert largest_allocation(fwd_bwd(tiled_run(64), 1024)) < 1024 * 1024 * 4
+
+
+def test_memory_checks_catch_tiles_as_large_as_the_sequence():
+    """The same measurement has teeth: with one tile covering all i x j the peak quadruples
+    and the largest allocation is a whole i x j matrix."""
+    cpu = torch.device("cpu")
+    whole = [peak_memory(fwd_bwd(tiled_run(n), n), cpu) for n in (512, 1024)]
+    assert whole[1] > 2 * whole[0] + 128 * 1024
+    assert largest_allocation(fwd_bwd(tiled_run(1024), 1024)) >= 1024 * 1024 * 4
+
+
+# ------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: TileMask(window=0), "window must be a positive number of keys"),
+    (lambda: TileMask(query_offset=-1), "query_offset must be >= 0"),
+    (lambda: TileMask(is_pad=torch.zeros(1, 3)), "is_pad must be boolean"),
+    (lambda: TileMask(bias=torch.zeros(3, 3, requires_grad=True)), "treats bias as a constant"),
+    (lambda: TileMask(document_ids=torch.tensor([[1, 0]])), "must be non-decreasing"),
+])
+def test_bad_masks_are_one_sentence_errors(build, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_bad_calls_are_one_sentence_errors():
+    q = torch.randn(1, 2, 4, 3)
+    with pytest.raises(ValueError, match="expected q"):
+        tiled_attention(q, q[:, :, :, :2], q)
+    with pytest.raises(ValueError, match="tile sizes must be positive"):
+        tiled_attention(q, q, q, query_tile=0)
+    with pytest.raises(ValueError, match=r"is_pad has shape \(1, 3\)"):
+        tiled_attention(q, q, q, TileMask(is_pad=torch.zeros(1, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="run past"):
+        tiled_attention(q, q, q, TileMask(query_offset=1, document_ids=torch.zeros(1, 4)))
