@@ -7,6 +7,7 @@ identity projections, both given a dense float mask built here from positions, w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,16 +16,22 @@ import torch
 from einops import rearrange
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from test_causality import gradient_leak, perturbation_leak
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+import tinygpt.tiled as tiled_module
 from benchmarks.harness import peak_memory
+from tinygpt import ModelConfig, MultiHeadAttention, TinyDecoderModel, next_token_loss
 from tinygpt.attention import scaled_dot_product
+from tinygpt.generate import generate
+from tinygpt.inspection import hook_names, run_with_cache
 from tinygpt.tiled import TileMask, tile_plan, tiled_attention, tiles
 
 # fp64: forward (and log-sum-exp) rtol = atol = 1e-10, gradients rtol 1e-8 / atol 1e-9.
 # fp32: 1e-5 for both; the tiled sums are reordered, so bitwise equality is not expected.
-FORWARD_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+FORWARD_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10),
+               torch.float32: dict(rtol=1e-5, atol=1e-5)}
 GRAD_TOL = {torch.float64: dict(rtol=1e-8, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -386,6 +393,124 @@ def test_memory_checks_catch_tiles_as_large_as_the_sequence():
     whole = [peak_memory(fwd_bwd(tiled_run(n), n), cpu) for n in (512, 1024)]
     assert whole[1] > 2 * whole[0] + 128 * 1024
     assert largest_allocation(fwd_bwd(tiled_run(1024), 1024)) >= 1024 * 1024 * 4
+
+
+# ------------------------------------------------------------------------- inside the model
+
+def model_twins(dtype=torch.float64, **overrides):
+    """(dense, tiled) models of the same config and weights (shakespeare-cpu's shape, smaller)."""
+    config = ModelConfig.preset("shakespeare-cpu", vocab_size=23, d_model=24, n_heads=3,
+                                n_layers=2, d_ff=32, max_seq=40, **overrides)
+    torch.manual_seed(0)
+    dense = TinyDecoderModel(config).to(dtype).eval()
+    tiled = TinyDecoderModel(dataclasses.replace(config, attention_impl="tiled")).to(dtype).eval()
+    tiled.load_state_dict(dense.state_dict(), strict=True)
+    return dense, tiled
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 x 4 inside the model, so a 40-token window spans many tiles."""
+    monkeypatch.setattr(tiled_module, "QUERY_TILE", 4)
+    monkeypatch.setattr(tiled_module, "KEY_TILE", 4)
+
+
+def test_config_chooses_the_core_and_names_a_bad_choice():
+    assert ModelConfig().attention_impl == "dense"
+    assert ModelConfig(attention_impl="tiled").attention_impl == "tiled"
+    with pytest.raises(ValueError, match="^attention_impl must be one of dense, tiled, got 'fl"):
+        ModelConfig(attention_impl="flash")
+    with pytest.raises(ValueError, match="impl must be one of dense, tiled"):
+        MultiHeadAttention(8, 2, impl="flash")
+
+
+def test_tiled_model_equals_dense_model(small_tiles):
+    """Logits and every parameter's gradient (fp64), on 37 tokens in tiles of 4; then a
+    prefill of 30 and one-token decode steps against the cache, each equal to the full run."""
+    dense, tiled = model_twins()
+    idx = torch.randint(23, (2, 37), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(23, (2, 37), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (dense, tiled):
+        logits = model(idx)
+        loss = next_token_loss(logits, targets)
+        grads.append((logits.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(grads[1][0], grads[0][0], **FORWARD_TOL[torch.float64])
+    for got, want in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(got, want, **GRAD_TOL[torch.float64])
+    with torch.no_grad():
+        cache = tiled.new_cache()
+        steps = [tiled(idx[:, :30], cache=cache)]
+        steps += [tiled(idx[:, p:p + 1], cache=cache) for p in range(30, 37)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), grads[0][0], **FORWARD_TOL[torch.float64])
+
+
+def test_decoding_one_query_against_a_long_cache():
+    """One query against 1,000 cached keys in tiles of 64, split over the keys and combined
+    through the log-sum-exp: the dense core's output and log-sum-exp."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 1, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 1000, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out, lse = tiled_attention(q, k, v, TileMask(causal=True, query_offset=999), key_tile=64)
+    dense_out, _ = scaled_dot_product(q, k, v)
+    torch.testing.assert_close(out, dense_out, **FORWARD_TOL[torch.float64])
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), **FORWARD_TOL[torch.float64])
+
+
+def test_greedy_generation_equals_the_dense_path(small_tiles):
+    """Greedy decoding of prompts of different lengths (left padding, so a key padding mask)
+    gives the same tokens with either core."""
+    dense, tiled = model_twins(torch.float32)
+    prompts = [torch.tensor([1, 2, 3, 4, 5, 6, 7]), torch.tensor([9, 8])]
+    want = generate(dense, prompts, 20, do_sample=False)
+    got = generate(tiled, prompts, 20, do_sample=False)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_hooks_of_the_weights_do_not_exist_and_asking_is_an_error():
+    """The tiled model has every hook point but scores, masked scores and pattern; asking for
+    those, or for the weights, is a one-sentence ValueError; dropout in training too."""
+    dense, tiled = model_twins(torch.float32)
+    missing = {f"blocks.{n}.attention.hook_{name}" for n in range(2)
+               for name in ("scores", "masked_scores", "pattern")}
+    assert set(hook_names(dense)) - set(hook_names(tiled)) == missing
+    idx = torch.randint(23, (1, 9), generator=torch.Generator().manual_seed(0))
+    _, cache = run_with_cache(tiled, idx)
+    assert set(cache) == set(hook_names(tiled))
+    with pytest.raises(ValueError, match=r"^unknown hook name 'blocks.0.attention.hook_pattern'"):
+        run_with_cache(tiled, idx, names=["blocks.0.attention.hook_pattern"])
+    x = torch.randn(1, 9, 24)
+    with pytest.raises(ValueError, match=r"^the tiled attention never forms the \(b h i j\) "):
+        tiled.blocks[0].attention(x, need_weights=True)
+    _, dropping = model_twins(torch.float32, dropout=0.1)
+    with pytest.raises(ValueError, match="^the tiled attention has no attention dropout"):
+        dropping.train()(idx)
+
+
+def test_tiled_model_does_not_leak_the_future(small_tiles):
+    """The causality suite's two leak checks on the tiled model (tiles of 4): changing the
+    tokens after p leaves logits at <= p bit-identical, and future gradients are exactly 0."""
+    _, tiled = model_twins()
+    idx = torch.randint(23, (2, 37), generator=torch.Generator().manual_seed(2))
+    for position in (0, 3, 4, 17, 35):
+        assert perturbation_leak(tiled, idx, position, seed=position) == 0.0
+    future, past = gradient_leak(tiled, idx[:, :13])
+    assert future == 0.0 and past > 0.0
+
+
+def test_leak_checks_catch_a_tile_boundary_off_by_one(small_tiles, monkeypatch):
+    """Planted bug: `is_open` judges the causal corner by the tile's *last* query instead of
+    its first, so each diagonal tile is taken as fully visible and its mask is left out. Both
+    leak checks report it."""
+    def wrong_corner(self, rows, cols):
+        return not self.causal or cols.stop - 1 <= rows.stop - 1 + self.query_offset
+
+    monkeypatch.setattr(TileMask, "is_open", wrong_corner)
+    _, tiled = model_twins()
+    idx = torch.randint(23, (2, 37), generator=torch.Generator().manual_seed(2))
+    assert perturbation_leak(tiled, idx, 0, seed=0) > 0.0
+    assert gradient_leak(tiled, idx[:, :13])[0] > 0.0
 
 
 # ------------------------------------------------------------------------------------ errors

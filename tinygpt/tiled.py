@@ -21,7 +21,7 @@ masked. Same legend as `attention`: b batch, h heads, i query, j key positions, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -308,3 +308,39 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, mask: TileMask | None = Non
         raise ValueError(f"tile sizes must be positive, got {query_tile} x {key_tile}.")
     mask.check(q.shape[0], q.shape[2], k.shape[2])
     return TiledAttention.apply(q, k, v, mask, query_tile, key_tile)
+
+
+def multihead_core(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | TileMask | None = None,
+                   key_padding_mask: Tensor | None = None, *, need_weights: bool = False,
+                   dropout_p: float = 0.0) -> Tensor:
+    """The tiled core behind `MultiHeadAttention(impl="tiled")`: z `(b h i d)` from q, k, v.
+
+    `attn_mask` is a `TileMask` (whose blocked tiles are skipped) or MHA's dense `(i j)` mask,
+    boolean (True = blocked) or additive, which becomes the bias; `key_padding_mask (b j)` is
+    likewise boolean or additive. The weights are never formed, so none can be returned, and
+    there is no attention dropout (it would need each tile's random mask again in backward).
+    """
+    if need_weights:
+        raise ValueError("the tiled attention never forms the (b h i j) weights; use "
+                         "attention_impl='dense' for need_weights=True.")
+    if dropout_p > 0:
+        raise ValueError("the tiled attention has no attention dropout; train with dropout=0.0 "
+                         "or attention_impl='dense'.")
+    mask = attn_mask if isinstance(attn_mask, TileMask) else TileMask(bias=_additive(attn_mask))
+    if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+        is_pad = key_padding_mask if mask.is_pad is None else mask.is_pad | key_padding_mask
+        mask = replace(mask, is_pad=is_pad)
+    elif key_padding_mask is not None:
+        padding = rearrange(key_padding_mask, "b j -> b 1 1 j")
+        if mask.bias is not None and not isinstance(mask.bias, Tensor):
+            raise ValueError("an additive key_padding_mask cannot join a callable bias; pass "
+                             "it as a boolean (True = padding).")
+        mask = replace(mask, bias=padding if mask.bias is None else mask.bias + padding)
+    return tiled_attention(q, k, v, mask, query_tile=QUERY_TILE, key_tile=KEY_TILE)[0]
+
+
+def _additive(mask: Tensor | None) -> Tensor | None:
+    """MHA's boolean mask (True = blocked) as 0/-inf; an additive float mask as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(mask, float("-inf"))
