@@ -470,7 +470,7 @@ def test_greedy_generation_equals_the_dense_path(small_tiles):
 
 def test_hooks_of_the_weights_do_not_exist_and_asking_is_an_error():
     """The tiled model has every hook point but scores, masked scores and pattern; asking for
-    those, or for the weights, is a one-sentence ValueError; dropout in training too."""
+    those, or for the weights, is a one-sentence ValueError."""
     dense, tiled = model_twins(torch.float32)
     missing = {f"blocks.{n}.attention.hook_{name}" for n in range(2)
                for name in ("scores", "masked_scores", "pattern")}
@@ -483,9 +483,6 @@ def test_hooks_of_the_weights_do_not_exist_and_asking_is_an_error():
     x = torch.randn(1, 9, 24)
     with pytest.raises(ValueError, match=r"^the tiled attention never forms the \(b h i j\) "):
         tiled.blocks[0].attention(x, need_weights=True)
-    _, dropping = model_twins(torch.float32, dropout=0.1)
-    with pytest.raises(ValueError, match="^the tiled attention has no attention dropout"):
-        dropping.train()(idx)
 
 
 def test_tiled_model_does_not_leak_the_future(small_tiles):
@@ -513,6 +510,56 @@ def test_leak_checks_catch_a_tile_boundary_off_by_one(small_tiles, monkeypatch):
     assert gradient_leak(tiled, idx[:, :13])[0] > 0.0
 
 
+# ----------------------------------------------------------------------------------- dropout
+
+def dropped_weights(p: float, seed: int | None, n: int = 40, tile: int = 8):
+    """With v the identity (d = j), out is the dropped weight matrix itself `(b h i j)`; also
+    the undropped weights of the same scores, from the dense core."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 2, n, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.eye(n, dtype=torch.float64).expand(2, 2, n, n)
+    out, _ = tiled_attention(q, k, v, TileMask(causal=True), query_tile=tile, key_tile=tile,
+                             dropout_p=p, dropout_seed=seed)
+    _, weights = scaled_dot_product(q, k, v, dense_mask(
+        Case(2, 2, n, n, 4, tile, tile, True, None, False, False, None, torch.float64, 0),
+        None, None, None))
+    return out, weights
+
+
+def test_dropout_drops_weights_after_the_softmax_and_rescales_the_rest():
+    """Every weight is either dropped (0) or its undropped value / (1 - p); about p of the
+    visible ones are dropped; a seed repeats the draw and another seed changes it."""
+    out, weights = dropped_weights(0.5, seed=7)
+    visible = weights > 0
+    kept = out != 0
+    torch.testing.assert_close(out[kept], weights[kept] / 0.5, **FORWARD_TOL[torch.float64])
+    assert (out[~visible] == 0).all()
+    assert 0.4 < 1 - kept[visible].double().mean() < 0.6
+    assert torch.equal(dropped_weights(0.5, seed=7)[0], out)
+    assert not torch.equal(dropped_weights(0.5, seed=8)[0], out)
+    torch.testing.assert_close(dropped_weights(0.0, seed=None)[0], weights)
+
+
+def test_dropout_backward_redraws_the_same_tiles():
+    """gradcheck with dropout (fixed seed): the backward's tile masks are the forward's."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: tiled_attention(q, k, v, TileMask(causal=True), query_tile=3,
+                                        key_tile=2, dropout_p=0.3, dropout_seed=11), (q, k, v))
+
+
+def test_model_dropout_only_in_training():
+    """A tiled model with dropout: two training calls differ, eval calls equal the dense twin."""
+    dense, tiled = model_twins(torch.float64, dropout=0.2)
+    idx = torch.randint(23, (2, 9), generator=torch.Generator().manual_seed(0))
+    tiled.train()
+    assert not torch.equal(tiled(idx), tiled(idx))
+    tiled.eval()
+    torch.testing.assert_close(tiled(idx), dense(idx), **FORWARD_TOL[torch.float64])
+
+
 # ------------------------------------------------------------------------------------ errors
 
 @pytest.mark.parametrize("build, message", [
@@ -535,5 +582,7 @@ def test_bad_calls_are_one_sentence_errors():
         tiled_attention(q, q, q, query_tile=0)
     with pytest.raises(ValueError, match=r"is_pad has shape \(1, 3\)"):
         tiled_attention(q, q, q, TileMask(is_pad=torch.zeros(1, 3, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        tiled_attention(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="run past"):
         tiled_attention(q, q, q, TileMask(query_offset=1, document_ids=torch.zeros(1, 4)))

@@ -178,6 +178,23 @@ class TileMask:
                                  f"(batch, keys) = {(batch, n_keys)}.")
 
 
+@dataclass(frozen=True)
+class TileDropout:
+    """Dropout of the attention weights, tile by tile: each tile's random keep-mask comes from a
+    generator seeded with (seed, first row, first key), so the backward pass draws it again
+    instead of storing an i x j mask."""
+
+    p: float
+    seed: int
+
+    def keep(self, rows: range, cols: range, shape, *, device, dtype) -> Tensor:
+        """The tile's `(b h i j)` keep-mask: 0 where a weight is dropped, 1 / (1 - p) elsewhere."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(hash((self.seed, rows.start, cols.start)) % 2**63)
+        kept = torch.rand(shape, generator=generator, device=device) >= self.p
+        return kept.to(dtype) / (1.0 - self.p)
+
+
 def tiles(length: int, size: int) -> list[range]:
     """Consecutive ranges of `size` positions covering 0..length (the last may be shorter)."""
     return [range(start, min(start + size, length)) for start in range(0, length, size)]
@@ -198,18 +215,19 @@ def _scores(q_rows: Tensor, k: Tensor, mask: TileMask, rows: range, cols: range)
 
 
 def _forward_rows(q_rows: Tensor, k: Tensor, v: Tensor, mask: TileMask, rows: range,
-                  key_tiles: list[range]) -> tuple[Tensor, Tensor]:
+                  key_tiles: list[range], dropout: TileDropout | None) -> tuple[Tensor, Tensor]:
     """Online softmax of one tile of query rows over its key tiles: out `(b h i d)`, lse `(b h i)`.
 
     Per row: m is the largest score seen so far, l the sum of exp(score - m), acc the sum of
     exp(score - m) v. A new tile with a larger maximum rescales l and acc by exp(m_old - m_new).
     `m_safe` stands in for m while a row has seen only -inf (exp(-inf - -inf) would be NaN).
+    Dropout acts on the weights that multiply v, never on the denominator l.
     """
-    b, h, n, d = q_rows.shape
+    b, h, n, _ = q_rows.shape
     m = q_rows.new_full((b, h, n, 1), float("-inf"))
     m_safe = q_rows.new_zeros(b, h, n, 1)
     l = q_rows.new_zeros(b, h, n, 1)  # noqa: E741 - the paper's name
-    acc = q_rows.new_zeros(b, h, n, d)
+    acc = q_rows.new_zeros(b, h, n, v.shape[-1])
     for cols in key_tiles:
         scores = _scores(q_rows, k, mask, rows, cols)  # b h i j
         m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
@@ -217,6 +235,9 @@ def _forward_rows(q_rows: Tensor, k: Tensor, v: Tensor, mask: TileMask, rows: ra
         weights = scores.sub_(m_safe).exp_()  # unnormalised, <= 1; in place: no autograd here
         rescale = (m - m_safe).exp()  # 0 on the first visible tile, 1 if the maximum held
         l = l * rescale + weights.sum(dim=-1, keepdim=True)  # noqa: E741
+        if dropout is not None:
+            weights *= dropout.keep(rows, cols, weights.shape, device=weights.device,
+                                    dtype=weights.dtype)
         acc = acc * rescale + einsum(weights, v[:, :, cols.start:cols.stop],
                                      "b h i j, b h j d -> b h i d")
         m = m_new
@@ -226,12 +247,13 @@ def _forward_rows(q_rows: Tensor, k: Tensor, v: Tensor, mask: TileMask, rows: ra
 
 
 def _backward_rows(q_rows, k, v, grad_out_rows, delta_rows, lse_rows, mask, rows, key_tiles,
-                   grad_k, grad_v) -> Tensor:
+                   dropout, grad_k, grad_v) -> Tensor:
     """FlashAttention-2's backward for one tile of query rows: returns dQ `(b h i d)` (of the
     scaled q) and adds this tile's share into dK and dV `(b h j d)` in place.
 
     The weights are recomputed, P = exp(S - lse). `delta` = rowsum(dO ∘ O) - d(loss)/d(lse) is
-    the term every dS of the row shares: dS = P ∘ (dP - delta).
+    the term every dS of the row shares: dS = P ∘ (dP - delta). With dropout's keep-mask Z
+    (0 or 1 / (1 - p)), out used P ∘ Z: dV takes P ∘ Z and dP is (dO Vᵀ) ∘ Z.
     """
     lse_rows = rearrange(lse_rows.masked_fill(torch.isneginf(lse_rows), float("inf")),
                          "b h i -> b h i 1")  # a row with no visible key: P = exp(-inf) = 0
@@ -240,9 +262,13 @@ def _backward_rows(q_rows, k, v, grad_out_rows, delta_rows, lse_rows, mask, rows
     for cols in key_tiles:
         k_cols, v_cols = k[:, :, cols.start:cols.stop], v[:, :, cols.start:cols.stop]
         weights = _scores(q_rows, k, mask, rows, cols).sub_(lse_rows).exp_()  # b h i j
-        grad_v[:, :, cols.start:cols.stop] += einsum(weights, grad_out_rows,
-                                                     "b h i j, b h i d -> b h j d")
+        keep = None if dropout is None else dropout.keep(rows, cols, weights.shape,
+                                                         device=weights.device, dtype=weights.dtype)
+        grad_v[:, :, cols.start:cols.stop] += einsum(weights if keep is None else weights * keep,
+                                                     grad_out_rows, "b h i j, b h i d -> b h j d")
         grad_weights = einsum(grad_out_rows, v_cols, "b h i d, b h j d -> b h i j")
+        if keep is not None:
+            grad_weights = grad_weights * keep
         grad_scores = weights * grad_weights.sub_(delta_rows)
         grad_q_rows = grad_q_rows + einsum(grad_scores, k_cols, "b h i j, b h j d -> b h i d")
         grad_k[:, :, cols.start:cols.stop] += einsum(grad_scores, q_rows,
@@ -259,16 +285,17 @@ class TiledAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask: TileMask, query_tile: int, key_tile: int):
+    def forward(ctx, q, k, v, mask: TileMask, query_tile: int, key_tile: int,
+                dropout: TileDropout | None):
         plan = tile_plan(q.shape[2], k.shape[2], mask, query_tile=query_tile, key_tile=key_tile)
         q_scaled = q * q.shape[-1] ** -0.5
-        out = torch.empty_like(q)  # b h i d
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])  # b h i d
         lse = q.new_empty(q.shape[:-1])  # b h i
         for rows, key_tiles in plan:
             out[:, :, rows.start:rows.stop], lse[:, :, rows.start:rows.stop] = _forward_rows(
-                q_scaled[:, :, rows.start:rows.stop], k, v, mask, rows, key_tiles)
+                q_scaled[:, :, rows.start:rows.stop], k, v, mask, rows, key_tiles, dropout)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.plan = mask, plan
+        ctx.mask, ctx.plan, ctx.dropout = mask, plan, dropout
         return out, lse
 
     @staticmethod
@@ -285,12 +312,13 @@ class TiledAttention(torch.autograd.Function):
             part = slice(rows.start, rows.stop)
             grad_q[:, :, part] = _backward_rows(
                 q_scaled[:, :, part], k, v, grad_out[:, :, part], delta[:, :, part],
-                lse[:, :, part], ctx.mask, rows, key_tiles, grad_k, grad_v)
-        return grad_q * scale, grad_k, grad_v, None, None, None
+                lse[:, :, part], ctx.mask, rows, key_tiles, ctx.dropout, grad_k, grad_v)
+        return grad_q * scale, grad_k, grad_v, None, None, None, None
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, mask: TileMask | None = None, *,
-                    query_tile: int = QUERY_TILE, key_tile: int = KEY_TILE
+                    query_tile: int = QUERY_TILE, key_tile: int = KEY_TILE,
+                    dropout_p: float = 0.0, dropout_seed: int | None = None
                     ) -> tuple[Tensor, Tensor]:
     """softmax(q kᵀ / √d + mask) v for q `(b h i d)`, k and v `(b h j d)`: out `(b h i d)` and
     the log-sum-exp of each row's masked scores `(b h i)` (-inf for a row with no visible key).
@@ -298,16 +326,25 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, mask: TileMask | None = Non
     Equal to `attention.scaled_dot_product` given `mask.dense(i, j)`, in memory linear in i and j.
     Decoding (a few queries against a long cache) takes the same path: the keys are split into
     tiles whose partial softmaxes are combined through their maxima and sums, which is the
-    log-sum-exp of the whole row.
+    log-sum-exp of the whole row. `dropout_p` drops attention weights (after the softmax, as
+    `scaled_dot_product` does), with tile masks drawn from `dropout_seed`, or from a seed taken
+    from torch's default generator (so `torch.manual_seed` makes a call repeatable).
     """
     mask = TileMask() if mask is None else mask
-    if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"expected q (b h i d) and k, v (b h j d), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}.")
+    if (q.ndim != 4 or k.shape[:-1] != v.shape[:-1] or q.shape[:2] != k.shape[:2]
+            or q.shape[-1] != k.shape[-1]):
+        raise ValueError(f"expected q (b h i d), k (b h j d) and v (b h j d_v), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
     if query_tile < 1 or key_tile < 1:
         raise ValueError(f"tile sizes must be positive, got {query_tile} x {key_tile}.")
     mask.check(q.shape[0], q.shape[2], k.shape[2])
-    return TiledAttention.apply(q, k, v, mask, query_tile, key_tile)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}.")
+    dropout = None
+    if dropout_p > 0:
+        seed = int(torch.randint(2**62, (1,))) if dropout_seed is None else dropout_seed
+        dropout = TileDropout(dropout_p, seed)
+    return TiledAttention.apply(q, k, v, mask, query_tile, key_tile, dropout)
 
 
 def multihead_core(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | TileMask | None = None,
@@ -317,15 +354,11 @@ def multihead_core(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | TileMask
 
     `attn_mask` is a `TileMask` (whose blocked tiles are skipped) or MHA's dense `(i j)` mask,
     boolean (True = blocked) or additive, which becomes the bias; `key_padding_mask (b j)` is
-    likewise boolean or additive. The weights are never formed, so none can be returned, and
-    there is no attention dropout (it would need each tile's random mask again in backward).
+    likewise boolean or additive. The weights are never formed, so none can be returned.
     """
     if need_weights:
         raise ValueError("the tiled attention never forms the (b h i j) weights; use "
                          "attention_impl='dense' for need_weights=True.")
-    if dropout_p > 0:
-        raise ValueError("the tiled attention has no attention dropout; train with dropout=0.0 "
-                         "or attention_impl='dense'.")
     mask = attn_mask if isinstance(attn_mask, TileMask) else TileMask(bias=_additive(attn_mask))
     if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
         is_pad = key_padding_mask if mask.is_pad is None else mask.is_pad | key_padding_mask
@@ -336,7 +369,8 @@ def multihead_core(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | TileMask
             raise ValueError("an additive key_padding_mask cannot join a callable bias; pass "
                              "it as a boolean (True = padding).")
         mask = replace(mask, bias=padding if mask.bias is None else mask.bias + padding)
-    return tiled_attention(q, k, v, mask, query_tile=QUERY_TILE, key_tile=KEY_TILE)[0]
+    return tiled_attention(q, k, v, mask, query_tile=QUERY_TILE, key_tile=KEY_TILE,
+                           dropout_p=dropout_p)[0]
 
 
 def _additive(mask: Tensor | None) -> Tensor | None:
