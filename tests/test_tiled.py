@@ -26,7 +26,7 @@ from tinygpt import ModelConfig, MultiHeadAttention, TinyDecoderModel, next_toke
 from tinygpt.attention import scaled_dot_product
 from tinygpt.generate import generate
 from tinygpt.inspection import hook_names, run_with_cache
-from tinygpt.tiled import TileMask, tile_plan, tiled_attention, tiles
+from tinygpt.tiled import TileDropout, TileMask, tile_plan, tiled_attention, tiles
 
 # fp64: forward (and log-sum-exp) rtol = atol = 1e-10, gradients rtol 1e-8 / atol 1e-9.
 # fp32: 1e-5 for both; the tiled sums are reordered, so bitwise equality is not expected.
@@ -538,6 +538,19 @@ def test_dropout_drops_weights_after_the_softmax_and_rescales_the_rest():
     assert torch.equal(dropped_weights(0.5, seed=7)[0], out)
     assert not torch.equal(dropped_weights(0.5, seed=8)[0], out)
     torch.testing.assert_close(dropped_weights(0.0, seed=None)[0], weights)
+
+
+def test_each_tile_draws_its_own_keep_mask():
+    """Tiles differ from each other (no pattern repeated along a row or a column of tiles), and
+    the same tile and seed always give the same mask."""
+    dropout = TileDropout(0.5, seed=3)
+    draw = lambda rows, cols: dropout.keep(rows, cols, (2, 2, 8, 8), device="cpu",  # noqa: E731
+                                           dtype=torch.float32)
+    first = draw(range(0, 8), range(0, 8))
+    assert torch.equal(first, draw(range(0, 8), range(0, 8)))
+    for rows, cols in ((range(0, 8), range(8, 16)), (range(8, 16), range(0, 8))):
+        assert not torch.equal(first, draw(rows, cols))
+    assert set(first.unique().tolist()) == {0.0, 2.0}
 
 
 def test_dropout_backward_redraws_the_same_tiles():
