@@ -468,6 +468,15 @@ def test_greedy_generation_equals_the_dense_path(small_tiles):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+def test_tiled_model_compiles_as_one_graph(small_tiles):
+    """torch.compile(fullgraph=True) traces the tiled model whole (the tile loops unroll, the
+    structure is Python ints) and gives the eager logits."""
+    _, tiled = model_twins(torch.float32)
+    idx = torch.randint(23, (2, 13), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(tiled, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx), tiled(idx), rtol=0, atol=0)
+
+
 def test_hooks_of_the_weights_do_not_exist_and_asking_is_an_error():
     """The tiled model has every hook point but scores, masked scores and pattern; asking for
     those, or for the weights, is a one-sentence ValueError."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property
 
 import torch
 from einops import einsum, rearrange
@@ -71,14 +70,13 @@ class TileMask:
             raise TypeError(f"is_pad must be boolean (True = padding), got {self.is_pad.dtype}.")
         if isinstance(self.bias, Tensor) and self.bias.requires_grad:
             raise ValueError("the tiled attention treats bias as a constant; detach it first.")
-        if self.document_ids is not None and bool((self.document_ids.diff(dim=-1) < 0).any()):
+        # document_ids as Python ints, read from the device once here, so skipping never syncs.
+        documents = None if self.document_ids is None else self.document_ids.tolist()
+        if documents is not None and any(a > b for ids in documents for a, b in zip(ids, ids[1:])):
             raise ValueError("document_ids must be non-decreasing along each row (packed "
                              "documents), so that a tile's documents are a range.")
+        object.__setattr__(self, "_documents", documents)
 
-    @cached_property
-    def _documents(self) -> list[list[int]] | None:
-        """document_ids as Python ints, read from the device once, so skipping never syncs."""
-        return None if self.document_ids is None else self.document_ids.tolist()
 
     def is_blocked(self, rows: range, cols: range) -> bool:
         """True if every (query, key) pair of the tile is blocked by the structure, from ints.
