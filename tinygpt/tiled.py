@@ -27,10 +27,12 @@ import torch
 from einops import einsum, rearrange
 from torch import Tensor
 
-# Measured on 2 CPU threads, fp32, batch 1, 6 heads of width 64 (docs in the README): 128 x 256
-# tiles were within a few percent of the fastest size from context 512 to 8,192.
+# From `python -m benchmarks.tile_sizes` (causal, fwd+bwd, 6 heads of width 64, context 2,048):
+# 128 x 128 was among the fastest. Larger tiles compute more wasted scores on the causal
+# diagonal and fall out of the CPU's cache ((b h) x 128 x 128 fp32 is 384 KiB at 6 heads);
+# smaller ones pay Python's overhead on more tiles. Rough: measured on a loaded, shared machine.
 QUERY_TILE = 128
-KEY_TILE = 256
+KEY_TILE = 128
 
 Bias = Tensor | Callable[[Tensor, Tensor], Tensor]
 
