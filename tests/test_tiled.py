@@ -24,6 +24,7 @@ import tinygpt.tiled as tiled_module
 from benchmarks.harness import peak_memory
 from tinygpt import ModelConfig, MultiHeadAttention, TinyDecoderModel, next_token_loss
 from tinygpt.attention import scaled_dot_product
+from tinygpt.cli import main as cli_main
 from tinygpt.generate import generate
 from tinygpt.inspection import hook_names, run_with_cache
 from tinygpt.tiled import TileDropout, TileMask, tile_plan, tiled_attention, tiles
@@ -422,6 +423,14 @@ def test_config_chooses_the_core_and_names_a_bad_choice():
         ModelConfig(attention_impl="flash")
     with pytest.raises(ValueError, match="impl must be one of dense, tiled"):
         MultiHeadAttention(8, 2, impl="flash")
+
+
+def test_command_line_takes_attention_impl(capsys):
+    """`--attention-impl` is one of the CLI's model options; a bad value is one line, exit 2."""
+    assert cli_main(["summary", "--config", "seed", "--attention-impl", "tiled"]) == 0
+    assert "20,712" in capsys.readouterr().out
+    assert cli_main(["summary", "--config", "seed", "--attention-impl", "flash"]) == 2
+    assert capsys.readouterr().err.strip().endswith("got 'flash'.")
 
 
 def test_tiled_model_equals_dense_model(small_tiles):
