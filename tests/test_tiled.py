@@ -433,6 +433,33 @@ def test_command_line_takes_attention_impl(capsys):
     assert capsys.readouterr().err.strip().endswith("got 'flash'.")
 
 
+@pytest.mark.parametrize("masks", ["float attn_mask, bool padding", "bool attn_mask, float padding",
+                                   "TileMask with padding, bool padding"])
+def test_module_takes_mha_style_masks(masks, small_tiles):
+    """`MultiHeadAttention(impl="tiled")` accepts what the dense module accepts (an `(i j)`
+    mask and a `(b j)` key padding mask, each boolean or additive) and a TileMask, whose own
+    padding joins the key padding mask; outputs equal the dense module's (fp64)."""
+    torch.manual_seed(0)
+    dense = MultiHeadAttention(12, 3).double()
+    tiled = MultiHeadAttention(12, 3, impl="tiled").double()
+    tiled.load_state_dict(dense.state_dict(), strict=True)
+    x = torch.randn(2, 11, 12, dtype=torch.float64)
+    is_future = torch.ones(11, 11, dtype=torch.bool).triu(1)
+    first_pad, second_pad = torch.zeros(2, 2, 11, dtype=torch.bool).unbind(0)
+    first_pad[0, :3], second_pad[1, 5] = True, True
+    additive = lambda m: torch.zeros(m.shape, dtype=torch.float64).masked_fill(m, -math.inf)  # noqa: E731
+    if masks == "float attn_mask, bool padding":
+        given = (additive(is_future), first_pad)
+    elif masks == "bool attn_mask, float padding":
+        given = (is_future, additive(first_pad))
+    else:
+        given = (TileMask(causal=True, is_pad=second_pad), first_pad)
+    want = dense(x, attn_mask=additive(is_future), key_padding_mask=first_pad | (
+        second_pad if isinstance(given[0], TileMask) else torch.zeros_like(first_pad)))[0]
+    got = tiled(x, attn_mask=given[0], key_padding_mask=given[1])[0]
+    torch.testing.assert_close(got, want, **FORWARD_TOL[torch.float64])
+
+
 def test_tiled_model_equals_dense_model(small_tiles):
     """Logits and every parameter's gradient (fp64), on 37 tokens in tiles of 4; then a
     prefill of 30 and one-token decode steps against the cache, each equal to the full run."""
