@@ -400,8 +400,8 @@ def test_memory_checks_catch_tiles_as_large_as_the_sequence():
 
 def model_twins(dtype=torch.float64, **overrides):
     """(dense, tiled) models of the same config and weights (shakespeare-cpu's shape, smaller)."""
-    config = ModelConfig.preset("shakespeare-cpu", vocab_size=23, d_model=24, n_heads=3,
-                                n_layers=2, d_ff=32, max_seq=40, **overrides)
+    sizes = dict(vocab_size=23, d_model=24, n_heads=3, n_layers=2, d_ff=32, max_seq=40)
+    config = ModelConfig.preset("shakespeare-cpu", **{**sizes, **overrides})
     torch.manual_seed(0)
     dense = TinyDecoderModel(config).to(dtype).eval()
     tiled = TinyDecoderModel(dataclasses.replace(config, attention_impl="tiled")).to(dtype).eval()
@@ -528,10 +528,10 @@ def test_greedy_generation_equals_the_dense_path(small_tiles):
 
 def test_tiled_model_compiles_as_one_graph(monkeypatch):
     """torch.compile(fullgraph=True) traces the tiled model whole (the tile loops unroll, the
-    structure is Python ints) and gives the eager logits; 13 tokens in tiles of 8."""
+    structure is Python ints) and gives the eager logits; one layer, 13 tokens in tiles of 8."""
     monkeypatch.setattr(tiled_module, "QUERY_TILE", 8)
     monkeypatch.setattr(tiled_module, "KEY_TILE", 8)
-    _, tiled = model_twins(torch.float32)
+    _, tiled = model_twins(torch.float32, n_layers=1)
     idx = torch.randint(23, (2, 13), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(tiled, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(idx), tiled(idx), rtol=0, atol=0)
