@@ -1,4 +1,4 @@
-"""`make bench`: time the four attentions and the whole model, print a table, save JSON and a plot.
+"""`make bench`: time the five attentions and the whole model, print a table, save JSON and a plot.
 
     python -m benchmarks [--quick] [--out DIR] [--threads N]
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.flops import attention_flops, matmul_throughput
-from benchmarks.harness import Budget, machine_facts, measure, paired_ratio, peak_memory
+from benchmarks.harness import Budget, Timing, machine_facts, measure, paired_ratio, peak_memory
 from benchmarks.implementations import (
     IMPLEMENTATIONS,
     REFERENCE,
@@ -54,6 +54,11 @@ class Plan:
     shapes: tuple[Shape, ...]
     sweep_contexts: tuple[int, ...]
     sweep_width: tuple[int, int]  # d_model, n_heads
+    # From this context on, one timed call per pass (each takes seconds) and an agreement check
+    # of the forward pass only; no torch.compile beyond `sweep_compiled_up_to` (its graph is the
+    # dense one). So the whole run stays within about three minutes.
+    sweep_single_from: int
+    sweep_compiled_up_to: int
     model_configs: tuple[tuple[str, int, dict], ...]  # preset, batch, config overrides
     generation: tuple[str, int, int]  # preset, prompt length, new tokens
     matmul_sizes: tuple[int, ...]
@@ -73,8 +78,10 @@ def _preset_shape(name: str) -> Shape:
 
 FULL = Plan(
     shapes=tuple(_preset_shape(name) for name in _BATCH),
-    sweep_contexts=(64, 128, 256, 512, 1024, 2048),
+    sweep_contexts=(64, 128, 256, 512, 1024, 2048, 8192),
     sweep_width=(384, 6),
+    sweep_single_from=4096,
+    sweep_compiled_up_to=2048,
     model_configs=(("seed", 32, {}), ("shakespeare-cpu", 12, {})),
     generation=("shakespeare-cpu", 8, 56),
     matmul_sizes=(512, 1024, 2048),
@@ -89,6 +96,8 @@ QUICK = Plan(
     shapes=tuple(Shape(name, 2, 8, 16, 2) for name in _BATCH),
     sweep_contexts=(8, 16),
     sweep_width=(16, 2),
+    sweep_single_from=16,
+    sweep_compiled_up_to=16,
     model_configs=(("seed", 2, dict(d_model=16, n_heads=2, d_ff=32, max_seq=8)),),
     generation=("seed", 2, 4),
     matmul_sizes=(64,),
@@ -165,7 +174,8 @@ def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak, compi
 
 
 def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
-    """Forward + backward time and peak memory against context length at one width (batch 1).
+    """Forward (inference_mode) and forward + backward time and peak memory against context
+    length at one width (batch 1): one row per context and implementation, both passes in it.
 
     The compiled implementation is compiled once with a dynamic context length and serves every
     length (a static graph per length would cost a compilation each).
@@ -176,26 +186,72 @@ def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
         compile_options={**plan.compile_options, "dynamic": True})
     rows = []
     for context in plan.sweep_contexts:
+        running = {name: run for name, run in implementations.items()
+                   if name != "compiled" or context <= plan.sweep_compiled_up_to}
         x = _input(1, context, d_model, device=device, dtype=dtype)
-        agreement = check_attention_agreement(implementations, x, dtype=dtype)
+        agreement = check_attention_agreement(running, x, dtype=dtype,
+                                              backward=context < plan.sweep_single_from)
         mask = causal_mask(context, device=device).to(dtype)
         x.requires_grad_(True)
         grad_out = torch.randn_like(x)
 
+        def forward(run):
+            with torch.inference_mode():
+                run(x, mask)
+
         def forward_backward(run):
             run(x, mask).backward(grad_out)
 
-        steps = {name: partial(forward_backward, run) for name, run in implementations.items()}
-        timings = measure(steps, threads=threads, budget=plan.slow_budget, warmup=1)
+        passes = {}
+        for pass_name, step in (("forward", forward), ("forward+backward", forward_backward)):
+            steps = {name: partial(step, run) for name, run in running.items()}
+            timings = (_time_once(steps) if context >= plan.sweep_single_from else
+                       measure(steps, threads=threads, budget=plan.slow_budget, warmup=1))
+            passes[pass_name] = {name: (timing, peak_memory(steps[name], device))
+                                 for name, timing in timings.items()}
         rows += [{
             "context": context, "batch": 1, "d_model": d_model, "n_heads": n_heads,
             "device": device.type, "dtype": _dtype_name(dtype), "impl": name,
-            "pass": "forward+backward", **timing.to_dict(),
-            "peak_bytes": peak_memory(steps[name], device),
+            "pass": "forward+backward", **timing.to_dict(), "peak_bytes": peak,
+            "forward_median_s": passes["forward"][name][0].median_s,
+            "forward_round_medians_s": passes["forward"][name][0].round_medians_s,
+            "forward_peak_bytes": passes["forward"][name][1],
             "max_abs_diff_vs_mha": agreement[name],
-        } for name, timing in timings.items()]
+        } for name, (timing, peak) in passes["forward+backward"].items()]
     _add_ratios(rows, keys=("context", "device", "dtype"))
     return rows
+
+
+def _time_once(steps: dict) -> dict[str, Timing]:
+    """One timed call of each step, for contexts where a call takes seconds: the timing of a
+    single block (no spread), still taken one function after another in the same round."""
+    timings = {}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - started
+        timings[name] = Timing(seconds, 0.0, seconds, 1, 1, (seconds,))
+    return timings
+
+
+def tiled_ratios(sweep_rows: list[dict]) -> list[dict]:
+    """Per context and pass: the tiled core's time and peak memory over the SDPA core's and the
+    dense hand-written one's, paired round by round (time) in the same run."""
+    results = []
+    for row in (r for r in sweep_rows if r["impl"] == "tiled"):
+        same = {r["impl"]: r for r in sweep_rows if r["context"] == row["context"]
+                and r["device"] == row["device"] and r["dtype"] == row["dtype"]}
+        for pass_name, rounds, peak in (
+                ("forward", "forward_round_medians_s", "forward_peak_bytes"),
+                ("forward+backward", "round_medians_s", "peak_bytes")):
+            result = {"context": row["context"], "device": row["device"], "dtype": row["dtype"],
+                      "pass": pass_name}
+            for against in ("sdpa", "hand"):
+                other = same[against]
+                result[f"time_vs_{against}"] = paired_ratio(row[rounds], other[rounds]).median
+                result[f"memory_vs_{against}"] = row[peak] / max(other[peak], 1)
+            results.append(result)
+    return results
 
 
 def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, threads, budget,
@@ -286,7 +342,7 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
     results = {"quick": quick, "machine": {**machine_facts(threads), "malloc": malloc},
                "cuda": cuda_line, "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
                "compile_options": plan.compile_options, "matmul": [],
-               "attention": [], "sweep": [], "model": [], "generation": []}
+               "attention": [], "sweep": [], "tiled": [], "model": [], "generation": []}
     for device, dtype in runs:
         label = f"{device.type} {_dtype_name(dtype)}"
         log(f"{label}: dense matmul throughput")
@@ -301,6 +357,7 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
                                                     compile_options=plan.compile_options)
         log(f"{label}: context sweep {plan.sweep_contexts[0]}..{plan.sweep_contexts[-1]}")
         results["sweep"] += bench_sweep(plan, device, dtype, threads=threads)
+        results["tiled"] = tiled_ratios(results["sweep"])
         for preset, batch, overrides in plan.model_configs:
             log(f"{label}: training step, {preset} model")
             results["model"] += bench_model(preset, batch, overrides, device, dtype,

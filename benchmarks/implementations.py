@@ -1,15 +1,19 @@
-"""The four attention implementations under test, built with the same weights and checked to agree.
+"""The five attention implementations under test, built with the same weights and checked to agree.
 
 - `hand`: TinyGPT's hand-written einops attention (`tinygpt.attention.MultiHeadAttention`).
 - `mha`: `torch.nn.MultiheadAttention(batch_first=True)`, the reference of every ratio.
 - `sdpa`: the hand-written module with its core swapped for `F.scaled_dot_product_attention`, the
   fused kernel. It lives here, apart from the readable attention, because it hides the maths.
 - `compiled`: the hand-written module under `torch.compile`.
+- `tiled`: the hand-written module with `impl="tiled"`: FlashAttention written out by hand
+  (`tinygpt.tiled`), given the causal mask as structure (`TileMask(causal=True)`), so that the
+  tiles above the diagonal are skipped and no `(b h i j)` tensor is formed.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -21,12 +25,14 @@ from reference import ReferenceDecoderModel, copy_weights
 from tinygpt.attention import KVCache, MultiHeadAttention, causal_mask
 from tinygpt.config import ModelConfig
 from tinygpt.model import TinyDecoderModel
+from tinygpt.tiled import TileMask
 
 IMPLEMENTATIONS = {
     "hand": "hand-written (einops)",
     "mha": "nn.MultiheadAttention",
     "sdpa": "hand-written, SDPA core",
     "compiled": "hand-written, torch.compile",
+    "tiled": "hand-written, tiled (FlashAttention)",
 }
 REFERENCE = "mha"
 
@@ -71,12 +77,21 @@ def fused_twin(hand: MultiHeadAttention) -> FusedAttention:
     return fused.train(hand.training)
 
 
+def tiled_twin(hand: MultiHeadAttention) -> MultiHeadAttention:
+    """A MultiHeadAttention with the tiled core holding a copy of `hand`'s weights."""
+    n_heads, d_model = hand.n_heads, hand.out_proj.in_features
+    tiled = MultiHeadAttention(d_model, n_heads, hand.dropout, impl="tiled")
+    tiled.to(hand.out_proj.weight).load_state_dict(hand.state_dict(), strict=True)
+    return tiled.train(hand.training)
+
+
 def attention_implementations(d_model: int, n_heads: int, *, device, dtype, compile_options: dict,
                               seed: int = 0) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     """name -> `f(x (b t (h d)), causal_mask (i j)) -> out (b t (h d))`, all with the same weights.
 
     `mha` gets the boolean twin of the mask (True = blocked) so that, in inference mode, it can take
-    its native fast path: a float mask would shut that path off. The others take the float mask.
+    its native fast path: a float mask would shut that path off. `tiled` gets its structural twin,
+    `TileMask(causal=True)`. The others take the float mask.
     `compile_options` go to `torch.compile` (backend, dynamic).
     """
     _fresh_compile_cache()
@@ -86,11 +101,13 @@ def attention_implementations(d_model: int, n_heads: int, *, device, dtype, comp
     copy_weights(hand, mha)
     fused = fused_twin(hand)
     compiled = torch.compile(hand, **compile_options)
+    tiled = tiled_twin(hand)
     return {
         "hand": lambda x, mask: hand(x, attn_mask=mask)[0],
         "mha": lambda x, mask: mha(x, x, x, attn_mask=torch.isinf(mask), need_weights=False)[0],
         "sdpa": lambda x, mask: fused(x, attn_mask=mask)[0],
         "compiled": lambda x, mask: compiled(x, attn_mask=mask)[0],
+        "tiled": lambda x, mask: tiled(x, attn_mask=TileMask(causal=True))[0],
     }
 
 
@@ -99,7 +116,8 @@ def model_implementations(config: ModelConfig, *, device, dtype, compile_options
     """name -> a whole decoder `(b t) ids -> (b t v) logits` with that attention, same weights.
 
     `mha` is the oracle `reference.ReferenceDecoderModel`; `sdpa` and `compiled` are the TinyGPT
-    model with every block's attention replaced (only the attention changes between them).
+    model with every block's attention replaced (only the attention changes between them); `tiled`
+    is the TinyGPT model built with `attention_impl="tiled"`.
     """
     _fresh_compile_cache()
     torch.manual_seed(seed)
@@ -111,7 +129,9 @@ def model_implementations(config: ModelConfig, *, device, dtype, compile_options
         block.attention = fused_twin(block.attention)
     for block in compiled.blocks:
         block.attention = torch.compile(block.attention, **compile_options)
-    return {"hand": hand, "mha": reference, "sdpa": fused, "compiled": compiled}
+    tiled = TinyDecoderModel(dataclasses.replace(config, attention_impl="tiled"))
+    tiled.to(device=device, dtype=dtype).load_state_dict(hand.state_dict(), strict=True)
+    return {"hand": hand, "mha": reference, "sdpa": fused, "compiled": compiled, "tiled": tiled}
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
@@ -121,8 +141,11 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-4, "atol": 1e-5}
 
 
-def check_attention_agreement(implementations, x: Tensor, *, dtype) -> dict[str, float]:
-    """Assert every implementation matches `mha` (output and input gradient); return max |diff|.
+def check_attention_agreement(implementations, x: Tensor, *, dtype, backward: bool = True
+                              ) -> dict[str, float]:
+    """Assert every implementation matches `mha` (output, and input gradient unless `backward`
+    is False: the sweep's longest contexts, where one backward pass takes seconds); return the
+    largest |diff| per implementation.
 
     Run before any timing: a fast implementation that computes something else is worth nothing.
     """
@@ -130,21 +153,26 @@ def check_attention_agreement(implementations, x: Tensor, *, dtype) -> dict[str,
     grad_out = torch.randn_like(x)
     results = {}
     for name, run in implementations.items():
-        x_leaf = x.detach().clone().requires_grad_(True)
-        out = run(x_leaf, mask)
-        out.backward(grad_out)
-        results[name] = (out.detach(), x_leaf.grad)
-    ref_out, ref_grad = results[REFERENCE]
+        x_leaf = x.detach().clone().requires_grad_(backward)
+        with torch.inference_mode(not backward):
+            out = run(x_leaf, mask)
+        if backward:
+            out.backward(grad_out)
+        results[name] = {"output": out.detach(), "input gradient": x_leaf.grad}
+    reference = results[REFERENCE]
     worst = {}
-    for name, (out, grad) in results.items():
-        for what, got, want in (("output", out, ref_out), ("input gradient", grad, ref_grad)):
+    for name, result in results.items():
+        worst[name] = 0.0
+        for what, got in result.items():
+            if got is None:
+                continue
             try:
-                torch.testing.assert_close(got, want, **tolerances(dtype))
+                torch.testing.assert_close(got, reference[what], **tolerances(dtype))
             except AssertionError as error:
                 raise RuntimeError(
                     f"{name} disagrees with {REFERENCE} ({what}): {str(error).splitlines()[0]}"
                 ) from None
-        worst[name] = max(float((out - ref_out).abs().max()), float((grad - ref_grad).abs().max()))
+            worst[name] = max(worst[name], float((got - reference[what]).abs().max()))
     return worst
 
 

@@ -106,15 +106,36 @@ def _sweep_tables(results: dict) -> list[str]:
         out.append("Peak MiB: bytes torch allocated above the starting level during one call "
                    "(CUDA max_memory_allocated; CPU the peak of the profiler's allocation log).")
         out.append("")
+        out.append("Contexts from 4,096 on: one timed call per pass, and no torch.compile.")
         by_context = {}
         for r in rows:
             by_context.setdefault(r["context"], {})[r["impl"]] = r
+        for label, time_key, peak_key in (("forward+backward", "median_s", "peak_bytes"),
+                                          ("forward", "forward_median_s", "forward_peak_bytes")):
+            out += ["", f"{label}:", ""]
+            out.append(_table(
+                ["context"] + [f"{names[i]} ms" for i in impls]
+                + [f"{names[i]} peak MiB" for i in impls],
+                [[str(c)] + [_ms(by_impl[i][time_key]) if i in by_impl else "-" for i in impls]
+                 + [f"{by_impl[i][peak_key] / 2**20:.1f}" if i in by_impl else "-" for i in impls]
+                 for c, by_impl in by_context.items()]))
+    return out + _tiled_tables(results)
+
+
+def _tiled_tables(results: dict) -> list[str]:
+    """The tiled core's time and memory over the SDPA core's and the dense one's, per context."""
+    out = []
+    for device, dtype in _groups(results.get("tiled", [])):
+        rows = [r for r in results["tiled"] if (r["device"], r["dtype"]) == (device, dtype)]
+        out += ["", f"## Tiled (FlashAttention by hand) against the SDPA core and the dense "
+                f"hand-written, {device} {dtype}", ""]
+        out.append("Time: paired ratio from this run; memory: ratio of peaks (< 1 is better).")
+        out.append("")
         out.append(_table(
-            ["context"] + [f"{names[i]} ms" for i in impls]
-            + [f"{names[i]} peak MiB" for i in impls],
-            [[str(c)] + [_ms(by_impl[i]["median_s"]) for i in impls]
-             + [f"{by_impl[i]['peak_bytes'] / 2**20:.1f}" for i in impls]
-             for c, by_impl in by_context.items()]))
+            ["context", "pass", "time / SDPA core", "time / dense", "memory / SDPA core",
+             "memory / dense"],
+            [[str(r["context"]), r["pass"], f"{r['time_vs_sdpa']:.2f}", f"{r['time_vs_hand']:.2f}",
+              f"{r['memory_vs_sdpa']:.2f}", f"{r['memory_vs_hand']:.2f}"] for r in rows]))
     return out
 
 

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
+from tinygpt.config import ATTENTION_IMPLS
+from tinygpt.tiled import multihead_core
+
 
 def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Tensor:
     """Additive mask `(i j)`: 0 where key j is at or before query i, -inf where it is in the future.
@@ -140,18 +143,21 @@ class MultiHeadAttention(nn.Module):
     it observes, so `inspection` reads that order from the module itself.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, impl: str = "dense"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}).")
-        self.n_heads, self.dropout = n_heads, dropout
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}.")
+        self.n_heads, self.dropout, self.impl = n_heads, dropout, impl
         self.in_proj = nn.Linear(d_model, 3 * d_model)  # rows: q, k, v, each (h d)
         self.hook_q = HookPoint()  # b h i d
         self.hook_k = HookPoint()  # b h j d (the new positions only, before the cache)
         self.hook_v = HookPoint()  # b h j d
-        self.hook_scores = HookPoint()  # b h i j, q kᵀ / √d
-        self.hook_masked_scores = HookPoint()  # b h i j, scores + mask
-        self.hook_pattern = HookPoint()  # b h i j, the weights after softmax (and dropout)
+        if impl == "dense":  # the tiled core (tinygpt.tiled) never forms these (b h i j) tensors
+            self.hook_scores = HookPoint()  # b h i j, q kᵀ / √d
+            self.hook_masked_scores = HookPoint()  # b h i j, scores + mask
+            self.hook_pattern = HookPoint()  # b h i j, the weights after softmax (and dropout)
         self.hook_z = HookPoint()  # b h i d, the weighted values before out_proj
         self.out_proj = nn.Linear(d_model, d_model)
 
@@ -176,6 +182,10 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if cache is not None:
             k, v = cache.append(k, v)  # b h j d
+        if self.impl == "tiled":  # attn_mask may be a TileMask: its blocked tiles are skipped
+            z = multihead_core(q, k, v, attn_mask, key_padding_mask, need_weights=need_weights,
+                               dropout_p=self.dropout if self.training else 0.0)
+            return self.out_proj(rearrange(self.hook_z(z), "b h t d -> b t (h d)")), None
         if key_padding_mask is not None:
             key_padding_mask = rearrange(_additive(key_padding_mask, q.dtype), "b j -> b 1 1 j")
         mask = combine_masks(_additive(attn_mask, q.dtype), key_padding_mask)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")  # gelu_tanh: GPT-2's approximation
+# dense: scaled_dot_product, every hook point; tiled: tinygpt.tiled, memory linear in the context.
+ATTENTION_IMPLS = ("dense", "tiled")
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,10 @@ class ModelConfig:
     induction heads are studied. `tie_embeddings` makes the LM head's weight the token embedding
     itself (GPT-2), `head_bias` gives the LM head a bias (GPT-2 has none) and `layer_norm_eps` is
     every LayerNorm's epsilon. Their defaults keep the seed design and every saved checkpoint.
+
+    `attention_impl` chooses the attention core: "dense" (`scaled_dot_product`, every hook point,
+    memory quadratic in the context) or "tiled" (`tinygpt.tiled`, FlashAttention: linear memory,
+    tiles above the causal diagonal skipped, but no scores, pattern or weights to observe).
     """
 
     vocab_size: int = 40
@@ -39,6 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     head_bias: bool = True
     layer_norm_eps: float = 1e-5
+    attention_impl: str = "dense"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq"):
@@ -55,6 +62,9 @@ class ModelConfig:
             )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                             f"got {self.attention_impl!r}.")
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}."

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from tinygpt.attention import HookPoint, KVCache, MultiHeadAttention, causal_mask
 from tinygpt.config import ModelConfig
+from tinygpt.tiled import TileMask
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -56,7 +57,8 @@ class DecoderBlock(nn.Module):
         self.input_scale = config.d_model ** -0.5 if config.seed_input_scale else None
         eps = config.layer_norm_eps
         self.hook_resid_pre = HookPoint()  # b t (h d)
-        self.attention = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
+        self.attention = MultiHeadAttention(config.d_model, config.n_heads, config.dropout,
+                                            impl=config.attention_impl)
         self.hook_attn_out = HookPoint()  # b t (h d), after dropout
         self.norm1 = nn.LayerNorm(config.d_model, eps=eps)
         self.hook_resid_mid = HookPoint()  # b t (h d)
@@ -137,6 +139,8 @@ class TinyDecoderModel(nn.Module):
         x = self.dropout(self.embedding(idx) + self._positional(idx, positions, past))
         # = causal_mask(t, past + t); one new token may see every key, so it needs no mask.
         mask = None if t == 1 else self.causal_mask[past:past + t, :past + t].to(x.dtype)
+        if self.config.attention_impl == "tiled":  # the same mask, as structure: tiles get skipped
+            mask = TileMask(causal=True, query_offset=past)
         for block, layer_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
             x = block(x, mask, key_padding_mask, layer_cache)
         if self.final_norm is not None:
