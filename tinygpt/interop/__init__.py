@@ -5,10 +5,16 @@ imported as ordinary runs, and runs exported to GPT-2's format, with their token
 format; `vocab` brings the tokenizers along; `convert` does whole imports and exports.
 """
 
-from tinygpt.interop.convert import Imported, export_checkpoint, import_checkpoint, read_source
+from tinygpt.interop.convert import (
+    Imported,
+    default_run_name,
+    export_checkpoint,
+    import_checkpoint,
+    read_source,
+)
 from tinygpt.interop.hf import export_hf, read_hf
 from tinygpt.interop.layout import InteropError
 from tinygpt.interop.nanogpt import read_meta, read_nanogpt
 
-__all__ = ["Imported", "InteropError", "export_checkpoint", "export_hf", "import_checkpoint",
-           "read_hf", "read_meta", "read_nanogpt", "read_source"]
+__all__ = ["Imported", "InteropError", "default_run_name", "export_checkpoint", "export_hf",
+           "import_checkpoint", "read_hf", "read_meta", "read_nanogpt", "read_source"]

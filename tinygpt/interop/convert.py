@@ -39,6 +39,14 @@ def read_source(source: str, tokenizer: str | os.PathLike | None = None
     raise InteropError(f"the source must be one of {', '.join(SOURCES)}, got {source!r}.")
 
 
+def default_run_name(source: str) -> str:
+    """A run name from the source: the model's name, or the directory that holds the file."""
+    kind, _, where = source.partition(":")
+    path = Path(where.rstrip("/\\"))
+    name = path.parent.name if kind == "nanogpt" else path.name
+    return name or kind
+
+
 def import_checkpoint(source: str, run_dir: str | os.PathLike, *,
                       tokenizer: str | os.PathLike | None = None) -> Imported:
     """Read `source` (see `read_source`) and write it as step 0 of the new run `run_dir`.
