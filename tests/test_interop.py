@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
@@ -50,6 +50,8 @@ FP64 = dict(rtol=1e-10, atol=1e-10)
 FP32 = dict(rtol=1e-5, atol=1e-5)
 END = "<|endoftext|>"
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256 byte characters
+# Each example builds, saves and reloads models: no shrinking (a failure shows its example).
+FEW = dict(phases=[Phase.explicit, Phase.generate])
 TEXT = "the cat sat on the mat; Élan vital\n\tthe end"
 
 
@@ -154,7 +156,7 @@ def gpt2_configs(draw):
     )
 
 
-@settings(max_examples=6)
+@settings(max_examples=6, **FEW)
 @given(config=gpt2_configs(), seed=st.integers(0, 2**16),
        files=st.sampled_from(["tokenizer.json", "vocab.json"]))
 def test_hf_import_equals_transformers_fp64(tmp_path_factory, config, seed, files):
@@ -167,10 +169,12 @@ def test_hf_import_equals_transformers_fp64(tmp_path_factory, config, seed, file
     assert_same_model(hf, imported.model, idx, FP64)
     assert imported.model.config.tie_embeddings == config["tie_word_embeddings"]
     assert imported.tokenizer.encode(TEXT) == hf_tokenizer(directory).encode(TEXT)
-    # The checkpoint written is an ordinary one: it loads and computes the same logits.
-    loaded = load_checkpoint(imported.checkpoint)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.model.double()(idx), imported.model(idx), **FP64)
+    # The checkpoint written is an ordinary one: it loads (in fp32, TinyGPT's dtype) with the
+    # same weights.
+    loaded = load_checkpoint(imported.checkpoint).model.state_dict()
+    assert loaded.keys() == imported.model.state_dict().keys()
+    for name, tensor in imported.model.state_dict().items():
+        assert torch.equal(loaded[name], tensor.float()), name
 
 
 @pytest.mark.slow
@@ -187,7 +191,7 @@ def test_hf_import_at_gpt2_small_sizes_fp32(tmp_path):
     assert tokenizer.encode(TEXT) == hf_tokenizer(tmp_path).encode(TEXT)
 
 
-@settings(max_examples=4)
+@settings(max_examples=4, **FEW)
 @given(config=gpt2_configs(), seed=st.integers(0, 2**16))
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path_factory, config, seed):
     directory = tmp_path_factory.mktemp("hf")
@@ -207,7 +211,7 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path_factory, con
         assert torch.equal(tensor, original[name]), name
 
 
-@settings(max_examples=6)
+@settings(max_examples=6, **FEW)
 @given(seed=st.integers(0, 2**16), n_heads=st.integers(1, 4), d_head=st.integers(1, 6),
        activation=st.sampled_from(["gelu_tanh", "gelu", "relu"]), tied=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]))
