@@ -52,6 +52,7 @@ END = "<|endoftext|>"
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # GPT-2's 256 byte characters
 # Each example builds, saves and reloads models: no shrinking (a failure shows its example).
 FEW = dict(phases=[Phase.explicit, Phase.generate])
+ROOT = Path(__file__).resolve().parent.parent
 TEXT = "the cat sat on the mat; Élan vital\n\tthe end"
 
 
@@ -241,7 +242,7 @@ def test_cli_import_then_generate_and_export(tmp_path):
     hf = hf_model(source, torch.float32, seed=3, vocab_size=280, n_positions=32, n_embd=16,
                   n_layer=2, n_head=4)
     write_tokenizer(source, 280)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "tinygpt", "import", "--from", f"hf:{source}",
                           "--runs-dir", str(tmp_path / "runs"), "--name", "small"],
                          capture_output=True, text=True, env=env, timeout=120)
@@ -259,7 +260,7 @@ def test_hub_name_offline_is_one_sentence(tmp_path):
     """hf:NAME with the Hub unreachable (HF_ENDPOINT on a closed loopback port): one sentence
     that says so and how to pass a directory instead; exit 2; no run directory."""
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(ROOT)}
     env.pop("HF_HUB_OFFLINE", None)
     run = subprocess.run([sys.executable, "-m", "tinygpt", "import", "--from",
                           "hf:openai-community/gpt2", "--runs-dir", str(tmp_path / "runs")],
@@ -447,7 +448,7 @@ def test_malicious_meta_pkl_is_refused_without_running(tmp_path):
 
 
 def test_char_vocabulary_keeps_nanogpt_order_not_sorted(tmp_path):
-    """ids follow `itos`, even when it is not in sorted order (CharTokenizer.from_text would sort)."""
+    """ids follow `itos`, even out of sorted order (where CharTokenizer.from_text would sort)."""
     state = nanogpt_state(1, 1, 4, 3, 4, True, seed=4)
     path = write_nanogpt(tmp_path, state, n_layer=1, n_head=1, n_embd=4, vocab=3, block=4,
                          bias=True)

@@ -14,9 +14,20 @@ import sys
 import traceback
 
 from tinygpt.allocator import keep_freed_memory
-from tinygpt.cli import finetune, generate, heads, inspect, prepare, summary, tokenizer, train
+from tinygpt.cli import (
+    export,
+    finetune,
+    generate,
+    heads,
+    import_,
+    inspect,
+    prepare,
+    summary,
+    tokenizer,
+    train,
+)
 
-COMMANDS = (summary, prepare, tokenizer, train, generate, heads, inspect, finetune)
+COMMANDS = (summary, prepare, tokenizer, train, generate, heads, inspect, finetune, import_, export)
 DEBUG_VARIABLE = "TINYGPT_DEBUG"
 
 
