@@ -41,7 +41,9 @@ from tinygpt.interop import (
     read_nanogpt,
 )
 from tinygpt.interop.nanogpt import UNK_LOGIT
+from tinygpt.interop.vocab import read_bpe_directory
 from tinygpt.model import TinyDecoderModel, parameter_table
+from tinygpt.pictures import display_token
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -548,3 +550,16 @@ def test_export_of_a_char_model_writes_no_tokenizer(tmp_path):
     save_checkpoint(tmp_path / "run", model=TinyDecoderModel(config), tokenizer=tokenizer, step=1)
     out = export_checkpoint(tmp_path / "run", tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_every_byte_level_token_has_a_visible_one_line_label(tmp_path):
+    """GPT-2's vocabulary has a token for every byte, control bytes included: each one's label
+    (as `inspect` makes it: the token decoded alone, then `display_token`) is printable, has no
+    whitespace and is not empty; a leading space shows as `·`."""
+    write_tokenizer(tmp_path, 300)
+    tokenizer = read_bpe_directory(tmp_path)
+    labels = [display_token(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)]
+    for i, label in enumerate(labels):
+        assert label and label.isprintable() and not any(c.isspace() for c in label), (i, label)
+    assert [display_token(tokenizer.decode([i])) for i in tokenizer.encode(" t")] == ["·t"]
+    assert display_token("\x1b[0m") == "\\x1b[0m"
