@@ -170,7 +170,7 @@ def download(name: str) -> Path:
     except OSError:  # the hub's offline and connection errors are all OSErrors
         raise InteropError(
             f"cannot download {name!r}: the Hugging Face Hub is unreachable (offline?); download "
-            f"it where there is a network (huggingface-cli download {name} --local-dir DIR) and "
+            f"it where there is a network (hf download {name} --local-dir DIR) and "
             f"pass hf:DIR.") from None
 
 
