@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from tokenizers import pre_tokenizers
 
 from tinygpt import cli
@@ -563,3 +564,37 @@ def test_every_byte_level_token_has_a_visible_one_line_label(tmp_path):
         assert label and label.isprintable() and not any(c.isspace() for c in label), (i, label)
     assert [display_token(tokenizer.decode([i])) for i in tokenizer.encode(" t")] == ["·t"]
     assert display_token("\x1b[0m") == "\\x1b[0m"
+
+
+def test_hub_layout_without_prefix_and_with_mask_buffers(tmp_path):
+    """The files on the Hub were saved from GPT2Model: names without `transformer.`, no
+    `lm_head`, and each layer's causal-mask buffers (`attn.bias`, `attn.masked_bias`)."""
+    hf = hf_model(tmp_path, torch.float64, seed=7, vocab_size=270, n_positions=8, n_embd=8,
+                  n_layer=2, n_head=2)
+    write_tokenizer(tmp_path, 270)
+    weights = load_file(tmp_path / "model.safetensors")
+    hub = {k.removeprefix("transformer."): v for k, v in weights.items() if k != "lm_head.weight"}
+    for n in range(2):
+        hub[f"h.{n}.attn.bias"] = torch.tril(torch.ones(8, 8)).view(1, 1, 8, 8)
+        hub[f"h.{n}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(hub, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, _ = read_hf(str(tmp_path))
+    idx = torch.randint(0, 270, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, **FP64)
+
+
+def test_hub_errors_become_one_sentence(monkeypatch):
+    """What snapshot_download raises (an invalid name, no network) is mapped to one sentence;
+    the download itself is replaced, so nothing reaches the network."""
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    for error, words in ((HFValidationError("bad id"), "neither a directory nor a Hub model"),
+                         (LocalEntryNotFoundError("no connection"), "unreachable")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+        with pytest.raises(InteropError, match=words):
+            read_hf("not/a/dir/nor/a/name")
