@@ -63,7 +63,7 @@ def read_hf(where: str, tokenizer: str | Path | None = None) -> tuple[TinyDecode
     found = read_tokenizer(tokenizer) if tokenizer is not None else read_bpe_directory(directory)
     if found is None:
         raise InteropError(f"{source} holds no tokenizer (tokenizer.json, or vocab.json and "
-                           f"merges.txt); pass one with --tokenizer.")
+                           f"merges.txt); pass one with --tokenizer-path.")
     return model, fit_vocabulary(found, config.vocab_size, source)
 
 
@@ -162,7 +162,10 @@ def download(name: str) -> Path:
         raise InteropError(f"{name!r} is not a directory, and downloading it needs "
                            f"huggingface_hub (pip install 'tinygpt[hf]').") from None
     try:
-        return Path(snapshot_download(name, allow_patterns=_DOWNLOAD))
+        directory = Path(snapshot_download(name, allow_patterns=_DOWNLOAD))
+        if not any(directory.glob("model*.safetensors*")):  # an older repository: pickles only
+            directory = Path(snapshot_download(name, allow_patterns=["pytorch_model.bin"]))
+        return directory
     except HFValidationError:
         raise InteropError(f"{name!r} is neither a directory nor a Hub model name.") from None
     except RepositoryNotFoundError:
