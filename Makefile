@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 TINYSHAKESPEARE ?= $(wildcard $(abspath ../shared/data/tinyshakespeare.txt))
 export TINYGPT_TINYSHAKESPEARE ?= $(TINYSHAKESPEARE)
 
-.PHONY: install test lint summary bench clean chromium figures data train sample bench-train
+.PHONY: install test lint summary bench clean chromium figures data train sample bench-train \
+        bench-gpt2
 
 install: $(STAMP)
 
@@ -43,6 +44,11 @@ summary: $(STAMP)
 # benchmarks/results/. `make bench BENCH_ARGS=--quick` runs every code path on tiny sizes.
 bench: $(STAMP)
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# GPT-2 small in TinyGPT against transformers, same weights: forward and KV-cache generation.
+# `make bench-gpt2 BENCH_ARGS=--quick` checks it runs.
+bench-gpt2: $(STAMP)
+	$(PY) -m benchmarks.gpt2 $(BENCH_ARGS)
 
 # `make train`: the default corpus, the shakespeare-cpu preset, about five minutes on two cores,
 # a checkpoint in runs/, then a 500-character sample of the newest run (`make sample` alone draws

@@ -28,8 +28,11 @@ _VISIBLE = {" ": "·", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
 def display_token(text: str) -> str:
-    """A token as it should appear on an axis: whitespace made visible."""
-    return "".join(_VISIBLE.get(c, c) for c in text) or "∅"
+    """A token as it should appear on an axis: whitespace made visible (GPT-2's leading-space
+    tokens read `·the`), and any other unprintable character, such as the control bytes a
+    byte-level BPE has a token for, as its escape (`\\x1b`), so no label is blank or breaks."""
+    return "".join(_VISIBLE.get(c, c if c.isprintable() else repr(c)[1:-1])
+                   for c in text) or "∅"
 
 
 @torch.no_grad()

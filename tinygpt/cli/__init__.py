@@ -16,9 +16,11 @@ import traceback
 from tinygpt.allocator import keep_freed_memory
 from tinygpt.cli import (
     experiment,
+    export,
     finetune,
     generate,
     heads,
+    import_,
     inspect,
     lens,
     patch,
@@ -29,7 +31,7 @@ from tinygpt.cli import (
 )
 
 COMMANDS = (summary, prepare, tokenizer, train, generate, heads, inspect, patch, lens, finetune,
-            experiment)
+            experiment, import_, export)
 DEBUG_VARIABLE = "TINYGPT_DEBUG"
 
 
