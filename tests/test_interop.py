@@ -598,3 +598,24 @@ def test_hub_errors_become_one_sentence(monkeypatch):
         monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
         with pytest.raises(InteropError, match=words):
             read_hf("not/a/dir/nor/a/name")
+
+
+def test_resuming_an_imported_run_is_one_sentence(tmp_path):
+    """An import holds weights but no optimizer state: `train --resume` on it must say so, not
+    fail with a KeyError deep in the trainer."""
+    from tinygpt.checkpoint import CheckpointError
+    from tinygpt.data import TokenData
+    from tinygpt.interop import import_checkpoint
+    from tinygpt.train import TrainConfig, train
+
+    source = tmp_path / "hf"
+    hf_model(source, torch.float32, seed=5, vocab_size=280, n_positions=16, n_embd=16,
+             n_layer=1, n_head=2)
+    write_tokenizer(source, 280)
+    imported = import_checkpoint(f"hf:{source}", tmp_path / "runs" / "imported")
+    data = TokenData.from_tokens(list(range(280)) * 2)
+    settings = TrainConfig(steps=2, batch_size=2, eval_every=1, eval_batches=1, save_every=1)
+    with pytest.raises(CheckpointError, match="holds no optimizer state") as error:
+        train(tmp_path / "runs" / "imported", data, imported.tokenizer, imported.model.config,
+              settings, resume=True)
+    assert "\n" not in str(error.value)

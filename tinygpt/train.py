@@ -292,6 +292,11 @@ class _Trainer:
                 f"cannot resume: the checkpoint in {str(ckpt.path)!r} was trained with a "
                 f"different tokenizer."
             )
+        if "optimizer" not in state:
+            raise CheckpointError(
+                f"cannot resume: the checkpoint in {str(ckpt.path)!r} holds no optimizer state "
+                f"(it was imported, not trained here), so there is no run to continue exactly."
+            )
         self.model.load_state_dict(ckpt.model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
