@@ -61,10 +61,13 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     n_layers, n_heads, t, _ = patterns.shape
     labels = [display_token(tok) for tok in tokens]
     # About 0.11 inch per token keeps labels readable; past 64 tokens, label every k-th only, so
-    # a long prompt on a big model still gives a figure of sane size.
+    # a long prompt still gives a figure of sane size. A big grid (GPT-2 has 144 heads) also
+    # shrinks its panels to fit about 32 inches and labels only the outer row and column: drawing
+    # 14,000 tick labels took matplotlib minutes.
     every = -(-t // 64)
     ticks = range(0, t, every)
-    cell = max(2.2, 0.11 * len(ticks))
+    cell = max(2.2, min(0.11 * len(ticks), 32 / max(n_layers, n_heads)))
+    outer_only = n_layers * n_heads > 16
     fig = Figure(figsize=(cell * n_heads + 1, cell * n_layers + 0.6), layout="constrained")
     axes = fig.subplots(n_layers, n_heads, squeeze=False)
     for layer in range(n_layers):
@@ -72,8 +75,11 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
             ax = axes[layer][head]
             image = ax.imshow(patterns[layer, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
-            ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=6, rotation=90)
-            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=6)
+            bottom, left = layer == n_layers - 1, head == 0
+            ax.set_xticks(ticks, [labels[i] for i in ticks] if bottom or not outer_only else [],
+                          fontsize=6, rotation=90)
+            ax.set_yticks(ticks, [labels[i] for i in ticks] if left or not outer_only else [],
+                          fontsize=6)
             ax.tick_params(length=0)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     if title:
