@@ -51,6 +51,15 @@ class CharTokenizer:
     def from_text(cls, text: str, *, strict: bool = False) -> CharTokenizer:
         return cls(sorted(set(text)), strict=strict)
 
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], *, strict: bool = False) -> CharTokenizer:
+        """The tokenizer of the characters of all `texts`, read one at a time (for example
+        `tinygpt.data.text_chunks` of a corpus larger than memory)."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls(sorted(chars), strict=strict)
+
     @property
     def vocab_size(self) -> int:
         return len(self.chars) + 1
