@@ -275,6 +275,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class DamagedCacheError(CorpusError):
     """Token files that no longer match what their cache's meta.json recorded."""
 
+    def __init__(self, token_dir: Path, problem: str):
+        self.damage = f"token cache {str(token_dir)!r} is damaged: {problem}"
+        super().__init__(f"{self.damage}; delete the directory to rebuild it.")
+
 
 def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
     """Encode `text` once into `out_dir` (first 90% of the tokens train, last 10% validation).
@@ -311,8 +315,8 @@ def cached_tokens(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
 
     The corpus is read and encoded in pieces of about `chunk_chars` characters (`text_chunks`)
     straight into the token file, so memory stays bounded whatever the corpus size. A cache whose
-    token file no longer has its recorded size and sha256 is rebuilt, and the returned data says
-    why in `repaired` (for the caller to tell the user).
+    token file no longer has its recorded size and sha256 is rebuilt, and the returned data's
+    `repaired` says so in one sentence (for the caller to tell the user).
     """
     token_dir = token_cache_dir(corpus_file, tokenizer, data_dir)
     meta = _cache_meta(file_sha256(corpus_file), tokenizer)
@@ -320,7 +324,7 @@ def cached_tokens(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
     try:
         return TokenData.open(token_dir, expect=meta)
     except DamagedCacheError as error:
-        repaired = str(error)
+        repaired = f"{error.damage}; it was rebuilt."
     except CorpusError:
         pass  # no cache yet, or one for another text: encode
     _build_cache(text_chunks(corpus_file, chunk_chars), meta, tokenizer, token_dir)
@@ -437,16 +441,11 @@ class TokenData:
         path = token_dir / "tokens.bin"
         size = path.stat().st_size if path.is_file() else None
         if size != meta["n_tokens"] * dtype.itemsize:
-            raise DamagedCacheError(
-                f"token cache {str(token_dir)!r} is damaged: tokens.bin has {size} bytes, "
-                f"{meta['n_tokens'] * dtype.itemsize} were written; delete the directory to "
-                f"rebuild it."
-            )
+            raise DamagedCacheError(token_dir, f"tokens.bin has {size} bytes, "
+                                               f"{meta['n_tokens'] * dtype.itemsize} were written")
         if file_sha256(path) != meta["tokens_sha256"]:
-            raise DamagedCacheError(
-                f"token cache {str(token_dir)!r} is damaged: tokens.bin no longer has the sha256 "
-                f"it was written with; delete the directory to rebuild it."
-            )
+            raise DamagedCacheError(token_dir, "tokens.bin no longer has the sha256 it was "
+                                               "written with")
         tokens = (np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype))
         return cls(tokens, meta["n_train"])
 
@@ -484,20 +483,14 @@ def _read_cache_meta(token_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CorpusError(f"token cache {str(token_dir)!r} does not exist.") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DamagedCacheError(
-            f"token cache {str(token_dir)!r} is damaged: meta.json is not valid JSON; delete the "
-            f"directory to rebuild it."
-        ) from None
+        raise DamagedCacheError(token_dir, "meta.json is not valid JSON") from None
     wanted = {"format": int, "dtype": str, "n_tokens": int, "n_train": int, "tokens_sha256": str}
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise CorpusError(f"token cache {str(token_dir)!r} has an older format.")
     if not all(isinstance(meta.get(k), t) for k, t in wanted.items()) or not (
         0 <= meta["n_train"] <= meta["n_tokens"]
     ) or meta["dtype"] not in ("uint16", "uint32"):
-        raise DamagedCacheError(
-            f"token cache {str(token_dir)!r} is damaged: meta.json lacks a field or holds a bad "
-            f"value; delete the directory to rebuild it."
-        )
+        raise DamagedCacheError(token_dir, "meta.json lacks a field or holds a bad value")
     return meta
 
 
