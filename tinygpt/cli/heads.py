@@ -37,7 +37,8 @@ def handle(args: argparse.Namespace) -> None:
     held_out = held_out_tokens(tokens.tokens, args.val_fraction,
                                at_least=ckpt.config.max_seq + 1)
     idx, targets = eval_windows(held_out, ckpt.config.max_seq, args.windows)
-    options.note_unknown(unknown_share(idx.numpy(), ckpt.tokenizer), "the validation windows")
+    options.note_unknown(unknown_share(idx.flatten().numpy(), ckpt.tokenizer),
+                         "the validation windows")
     device = next(ckpt.model.parameters()).device
     idx, targets = idx.to(device), targets.to(device)
     base, rise = head_importance(ckpt.model, idx, targets)

@@ -162,10 +162,14 @@ def check_model_fits(config: ModelConfig, *, training: bool, force: bool,
     if available is not None and n * per_parameter > available:
         what = "to train (weights, gradients, AdamW moments)" if training else "for its weights"
         raise ValueError(
-            f"a model of {n:,} parameters needs {n * per_parameter / 2**30:,.1f} GiB {what}, more "
-            f"than the {available / 2**30:,.1f} GiB of memory available; choose a smaller "
-            f"config or pass --force."
+            f"a model of {n:,} parameters needs {_size(n * per_parameter)} {what}, more than "
+            f"the {_size(available)} of memory available; choose a smaller config or pass "
+            f"--force."
         )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 // 10 else f"{n_bytes / 2**20:.2f} MiB"
 
 
 # --- device, seed, compile ----------------------------------------------------------------------
