@@ -8,6 +8,7 @@ import argparse
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -99,6 +100,9 @@ def paths(tmp_path_factory):
     (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
     (tmp / "empty.txt").write_text("", encoding="utf-8")
     (tmp / "one.txt").write_text("x", encoding="utf-8")
+    shutil.copytree(tmp / "runs" / "tiny", tmp / "runs" / "listed")
+    for manifest in (tmp / "runs" / "listed").glob("ckpt-*/manifest.json"):
+        manifest.write_text("[]", encoding="utf-8")  # valid JSON, but not a table of hashes
     return {"tmp": str(tmp), "run": str(tmp / "runs" / "tiny"), "nan": str(tmp / "runs" / "nan")}
 
 
@@ -144,6 +148,8 @@ BAD_INPUT = [
      r"the model's logits are NaN, so no next token can be chosen"),
     (["generate", "--checkpoint", "{nan}", "--beam", "2", "--max-new-tokens", "3"], 2,
      r"the model's logits are NaN, so no next token can be chosen"),
+    (["generate", "--checkpoint", "{tmp}/runs/listed"], 2,
+     r"manifest\.json' is not a JSON object of file hashes\.$"),
 ]
 USAGE_ERRORS = [  # argparse's own: usage, then "tinygpt COMMAND: error: ..."
     (["generate", "--device", "gpu"], 2, r"argument --device: invalid choice: 'gpu'"),
