@@ -390,10 +390,10 @@ def test_train_and_validation_are_disjoint_contiguous_and_cover_the_stream(tmp_p
 
 def test_every_window_of_a_split_is_drawn_the_last_included():
     max_seq = 8
-    exact = TokenData(np.arange(100), n_train=max_seq + 1)  # train: one window exactly
+    exact = TokenData(np.arange(max_seq + 1), np.arange(max_seq + 1, 100))  # one window
     x, y = exact.batch("train", 3, max_seq, torch.Generator().manual_seed(0))
     assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
-    three = TokenData(np.arange(100), n_train=max_seq + 3)  # train: windows at 0, 1 and 2
+    three = TokenData(np.arange(max_seq + 3), np.arange(max_seq + 3, 100))  # at 0, 1, 2
     x, _ = three.batch("train", 200, max_seq, torch.Generator().manual_seed(0))
     assert sorted(set(x[:, 0].tolist())) == [0, 1, 2]
     xv, yv = three.batch("val", 200, max_seq, torch.Generator().manual_seed(0))

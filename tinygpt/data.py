@@ -23,7 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -408,21 +408,21 @@ def unknown_share(ids: np.ndarray, tokenizer: Tokenizer, block: int = 1 << 22) -
 
 @dataclass
 class TokenData:
-    """A prepared corpus's token stream (memory-mapped when opened from a cache), split into its
-    first 90% (`train`) and last 10% (`val`); `repaired` says why its cache was rebuilt, if it
-    was."""
+    """A prepared corpus's train split (its first 90%) and validation split (the last 10%),
+    memory-mapped views of one token file when opened from a cache; `repaired` says why that
+    cache was rebuilt, if it was."""
 
-    tokens: np.ndarray
-    n_train: int
+    train: np.ndarray
+    val: np.ndarray
     repaired: str | None = None
+    stream: np.ndarray | None = field(default=None, repr=False)  # both splits, when one array
 
     @property
-    def train(self) -> np.ndarray:
-        return self.tokens[:self.n_train]
-
-    @property
-    def val(self) -> np.ndarray:
-        return self.tokens[self.n_train:]
+    def tokens(self) -> np.ndarray:
+        """The whole token stream, train then validation: a view when both split one array."""
+        if self.stream is not None:
+            return self.stream
+        return np.concatenate([self.train, self.val])
 
     @classmethod
     def open(cls, token_dir: str | os.PathLike, *,
@@ -447,13 +447,17 @@ class TokenData:
             raise DamagedCacheError(token_dir, "tokens.bin no longer has the sha256 it was "
                                                "written with")
         tokens = (np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype))
-        return cls(tokens, meta["n_train"])
+        return cls._split(tokens, meta["n_train"])
 
     @classmethod
     def from_tokens(cls, tokens: list[int] | np.ndarray) -> TokenData:
         """In-memory split of an already encoded sequence (same 90/10 rule as the files)."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        return cls(tokens, int(len(tokens) * TRAIN_FRACTION))
+        return cls._split(tokens, int(len(tokens) * TRAIN_FRACTION))
+
+    @classmethod
+    def _split(cls, tokens: np.ndarray, n_train: int) -> TokenData:
+        return cls(tokens[:n_train], tokens[n_train:], stream=tokens)
 
     def check_window(self, max_seq: int) -> None:
         """Both splits must hold at least one `max_seq + 1` window."""
