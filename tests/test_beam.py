@@ -77,3 +77,56 @@ def test_beams_are_sorted_and_the_cache_follows_them_across_slides():
     cached = beam_search(model, prompt, 12, beam_width=3, policy="fast")
     uncached = beam_search(model, prompt, 12, beam_width=3, policy="fast", use_cache=False)
     assert [b.tokens.tolist() for b in cached] == [b.tokens.tolist() for b in uncached]
+
+
+def written_out_beam_search(model, prompt: list[int], n: int, width: int, eos_id: int,
+                            length_penalty: float = 0.0):
+    """Beam search as specified, on plain lists and one full forward per candidate: every step
+    ranks every one-token extension of every live beam by summed log-probability; among the
+    2 * width best, those that end with eos_id are finished and the best `width` others stay live.
+    Returns the `width` best of the finished and the live by log_prob / new ** length_penalty,
+    best first, as (tokens, log_prob)."""
+    live, finished = [(tuple(prompt), 0.0)], []
+    for _ in range(n):
+        candidates = []
+        for tokens, log_prob in live:
+            with torch.inference_mode():
+                step = model(torch.tensor([tokens]))[0, -1].double().log_softmax(dim=-1)
+            candidates += [(tokens + (t,), log_prob + float(step[t])) for t in range(len(step))]
+        candidates.sort(key=lambda c: -c[1])
+        best = candidates[:2 * width]
+        finished += [c for c in best if c[0][-1] == eos_id]
+        live = [c for c in best if c[0][-1] != eos_id][:width]
+    score = lambda c: c[1] / (len(c[0]) - len(prompt)) ** length_penalty  # noqa: E731
+    return sorted(finished + live, key=lambda c: -score(c))[:width]
+
+
+def test_width_two_with_an_end_token_equals_the_written_out_search():
+    """Once beams end, the search still keeps `width` live beams (it ranks 2 * width candidates
+    to leave room for those that end): compared on every end token of several models."""
+    ended_early = 0
+    for seed, eos_id, length_penalty in itertools.product(range(3), range(5), (0.0, 1.0, 2.0)):
+        model = build_model(ModelConfig.preset("seed", vocab_size=5, max_seq=8), seed)
+        truth = written_out_beam_search(model, [1, 2], 5, 2, eos_id, length_penalty)
+        beams = beam_search(model, torch.tensor([[1, 2]]), 5, beam_width=2, eos_id=eos_id,
+                            length_penalty=length_penalty)
+        assert [tuple(b.tokens.tolist()) for b in beams] == [t for t, _ in truth], (
+            seed, eos_id, length_penalty)
+        for beam, (_, log_prob) in zip(beams, truth):
+            assert beam.log_prob == pytest.approx(log_prob, abs=1e-10)
+        ended_early += any(len(t) < 7 for t, _ in truth)
+    assert ended_early >= 5  # the case that needs the room: beams ending before the last step
+
+
+def test_a_beam_of_one_on_tied_logits_is_greedy():
+    """With a zeroed LM head every logit ties; greedy takes the first token, and so must the
+    beam (its sort is stable). 300 tokens: an unstable sort of that many ties reorders them."""
+    model = build_model(ModelConfig.preset("seed", vocab_size=300, max_seq=8), 0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+    prompt = torch.tensor([[7, 8]])
+    [beam] = beam_search(model, prompt, 4, beam_width=1)
+    greedy = generate(model, prompt, 4, do_sample=False)[0]
+    assert greedy.tolist() == [7, 8, 0, 0, 0, 0]
+    assert torch.equal(beam.tokens, greedy)

@@ -9,6 +9,7 @@ import ast
 import keyword
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -94,9 +95,16 @@ def paths(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyDecoderModel(ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8))
     save_checkpoint(tmp / "runs" / "tiny", model=model, tokenizer=tokenizer, step=1)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))  # a diverged run: every logit is NaN
+    save_checkpoint(tmp / "runs" / "nan", model=model, tokenizer=tokenizer, step=1)
     (tmp / "corpus.txt").write_text(TEXT, encoding="utf-8")
     (tmp / "empty.txt").write_text("", encoding="utf-8")
-    return {"tmp": str(tmp), "run": str(tmp / "runs" / "tiny")}
+    (tmp / "one.txt").write_text("x", encoding="utf-8")
+    shutil.copytree(tmp / "runs" / "tiny", tmp / "runs" / "listed")
+    for manifest in (tmp / "runs" / "listed").glob("ckpt-*/manifest.json"):
+        manifest.write_text("[]", encoding="utf-8")  # valid JSON, but not a table of hashes
+    return {"tmp": str(tmp), "run": str(tmp / "runs" / "tiny"), "nan": str(tmp / "runs" / "nan")}
 
 
 # command line -> exit code -> the last line on stderr (after "tinygpt: error: " for our errors)
@@ -119,12 +127,39 @@ BAD_INPUT = [
     (["inspect", "--checkpoint", "{run}", "--prompt", "RO"], 2, r"give --out FILE\.png"),
     (["finetune", "--checkpoint", "{run}", "--corpus", "{tmp}/corpus.txt",
       "--lora-targets", "qkv"], 2, r"unknown LoRA target 'qkv'"),
+    # a corpus too short for one window: said in words, not "cannot mmap an empty file"
+    (["train", "--corpus", "{tmp}/one.txt", "--data-dir", "{tmp}/cache-one",
+      "--runs-dir", "{tmp}/runs-one", "--config", "seed"], 2,
+     r"the train split has 0 tokens, fewer than one window of max_seq \+ 1"),
+    (["heads", "--checkpoint", "{run}", "--corpus", "{tmp}/corpus.txt", "--data-dir",
+      "{tmp}/cache", "--windows", "0"], 2,
+     r"the number of windows must be an integer >= 1, got 0\.$"),
+    (["heads", "--checkpoint", "{run}", "--corpus", "{tmp}/corpus.txt", "--data-dir",
+      "{tmp}/cache", "--windows", "-3"], 2,
+     r"the number of windows must be an integer >= 1, got -3\.$"),
+    (["heads", "--checkpoint", "{run}", "--corpus", "{tmp}/corpus.txt", "--data-dir",
+      "{tmp}/cache", "--threshold", "nan"], 2, r"threshold must be a number in \[0, 1\], got nan"),
+    (["generate", "--checkpoint", "{tmp}/corpus.txt"], 2,
+     r"--checkpoint '.*corpus\.txt' is a file; give a run directory or one checkpoint directory"),
+    (["generate", "--checkpoint", "{run}", "--beam", "2", "--stop", "a"], 2,
+     r"--stop ends sampled text; beam search .* cannot be used with it\.$"),
+    (["generate", "--checkpoint", "{nan}", "--temperature", "0", "--max-new-tokens", "3"], 2,
+     r"the model's logits are NaN, so no next token can be chosen"),
+    (["generate", "--checkpoint", "{nan}", "--max-new-tokens", "3"], 2,
+     r"the model's logits are NaN, so no next token can be chosen"),
+    (["generate", "--checkpoint", "{nan}", "--beam", "2", "--max-new-tokens", "3"], 2,
+     r"the model's logits are NaN, so no next token can be chosen"),
+    (["generate", "--checkpoint", "{tmp}/runs/listed"], 2,
+     r"manifest\.json' is not a JSON object of file hashes\.$"),
 ]
 USAGE_ERRORS = [  # argparse's own: usage, then "tinygpt COMMAND: error: ..."
     (["generate", "--device", "gpu"], 2, r"argument --device: invalid choice: 'gpu'"),
     (["generate", "--max-new", "3"], 2, r"unrecognized arguments: --max-new 3"),  # no prefixes
     (["tokenizer", "train", "--out", "x.json"], 2, r"required: --vocab-size"),
     (["generate", "--compile", "nosuch"], 2, r"unknown torch.compile backend 'nosuch'"),
+    (["generate", "--seed", "99999999999999999999999"], 2,
+     r"argument --seed: expected an integer from 0 to 2\*\*63 - 1, got '99999999999999999999999'"),
+    (["train", "--seed", "-1"], 2, r"argument --seed: expected an integer from 0 to 2\*\*63 - 1"),
 ]
 
 
@@ -205,6 +240,32 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
     monkeypatch.setattr(cli.summary, "handle", interrupted)
     assert main(["summary"]) == 130
     assert capsys.readouterr().err == "tinygpt: interrupted\n"
+
+
+def test_generate_refuses_a_checkpoint_too_large_for_memory_unless_forced(capsys, monkeypatch,
+                                                                       paths):
+    monkeypatch.setattr(cli.options, "available_memory", lambda: 1000)
+    argv = ["generate", "--checkpoint", paths["run"], "--max-new-tokens", "3"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "tinygpt: error: a model of 18,319 parameters needs 0.07 MiB for its weights, more than "
+        "the 0.00 MiB of memory available; choose a smaller config or pass --force.\n")
+    assert main([*argv, "--force"]) == 0
+
+
+def test_ctrl_c_while_sampling_prints_the_text_drawn_so_far(capsys, monkeypatch, paths):
+    def interrupted_stream(*args, **kwargs):
+        yield "abc"
+        yield " de"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tinygpt.generate.stream", interrupted_stream)
+    argv = ["generate", "--checkpoint", paths["run"], "--prompt", "RO"]
+    assert main(argv) == 130
+    assert capsys.readouterr() == ("ROabc de\n", "tinygpt: interrupted\n")
+    assert main([*argv, "--stream"]) == 130
+    assert capsys.readouterr() == ("ROabc de", "tinygpt: interrupted\n")
 
 
 # --- the shape of the package -------------------------------------------------------------------

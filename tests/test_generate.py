@@ -24,6 +24,7 @@ from tinygpt.generate import (
     stream,
     unknown_characters,
 )
+from tinygpt.generate.text import TextTail, find_stop
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 TINY = ModelConfig.preset("seed", vocab_size=12, max_seq=8)
@@ -90,8 +91,12 @@ def test_stream_holds_back_incomplete_characters_of_a_byte_level_bpe():
     ids = generate(model, torch.tensor([tokenizer.encode(prompt)]), 60,
                    generator=torch.Generator().manual_seed(1))[0, len(tokenizer.encode(prompt)):]
     new = ids.tolist()
-    assert "".join(pieces) == tokenizer.decode(new)
-    assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
+    final = tokenizer.decode(new)
+    assert "".join(pieces) == final
+    # Each piece is final when yielded: a character cut between tokens is held back, never shown
+    # as U+FFFD and changed later; a U+FFFD is shown only where the whole text has one.
+    for k in range(1, len(pieces) + 1):
+        assert final.startswith("".join(pieces[:k]))
     assert any(tokenizer.decode(new[:k]).endswith("\ufffd") for k in range(1, 60))  # it happened
 
 
@@ -275,3 +280,81 @@ def test_cli_prompt_outside_the_vocabulary(run_dir, tmp_path, capsys):
                     tokenizer=tokenizer, step=1)
     code, out, err = cli(capsys, "--checkpoint", tmp_path / "strict", "--prompt", "RO!")
     assert code == 2 and "cannot encode the prompt: character '!' at position 2" in err
+
+
+# --- decoding the new text costs the same at every token ----------------------------------------
+
+class CountingChars(CharTokenizer):
+    """A character tokenizer that records how many ids every decode call was given."""
+
+    def decode(self, ids):
+        ids = list(ids)
+        self.decoded.append(len(ids))
+        return super().decode(ids)
+
+
+class CountingBPE(BPETokenizer):
+    def decode(self, ids):
+        ids = list(ids)
+        self.decoded.append(len(ids))
+        return super().decode(ids)
+
+    def decode_bytes(self, ids):
+        ids = list(ids)
+        self.decoded.append(len(ids))
+        return super().decode_bytes(ids)
+
+
+BPE_TEXT = "Thé café à Noël coûte 5 € — ça va? " * 20
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_streaming_decodes_each_new_token_once(kind):
+    if kind == "char":
+        tokenizer = CountingChars.from_text("ROMEO:\nabc de")
+    else:
+        tokenizer = CountingBPE(BPETokenizer.train(BPE_TEXT, vocab_size=280)._tokenizer)
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, max_seq=8)
+    model = build_model(config, seed=0, dtype=torch.float32)
+    tokenizer.decoded = []
+    n = 300
+    pieces = list(stream(model, tokenizer, "ab", n, stop=["never in this text \x00"],
+                         generator=torch.Generator().manual_seed(0)))
+    assert tokenizer.decoded == [1] * n  # one call of one token per step, however long the text
+    ids = generate(model, torch.tensor([tokenizer.encode("ab")]), n,
+                   generator=torch.Generator().manual_seed(0))[0, -n:].tolist()
+    assert "".join(pieces) == tokenizer.decode(ids)
+    tokenizer.decoded = []
+    generate(model, [tokenizer.encode("ab")], n, stop=["never in this text \x00"],
+             decode=tokenizer.decode, generator=torch.Generator().manual_seed(0))
+    assert tokenizer.decoded == [1] * n
+
+
+def test_text_tail_pieces_equal_the_whole_decode_cut_at_the_first_stop():
+    """Random token streams of a byte-level BPE (characters cut between tokens, invalid bytes)
+    and stop strings taken from their own text: the pieces always join to the whole decode, cut
+    just before the first stop string, and `stopped` turns True once one is complete."""
+    tokenizer = BPETokenizer.train(BPE_TEXT, vocab_size=280)
+    rng = torch.Generator().manual_seed(0)
+    cut_characters = 0
+    for _ in range(300):
+        length = int(torch.randint(1, 30, (1,), generator=rng))
+        ids = torch.randint(tokenizer.vocab_size, (length,), generator=rng).tolist()
+        whole = tokenizer.decode(ids)
+        start = int(torch.randint(len(whole), (1,), generator=rng))
+        stop = [whole[start:start + int(torch.randint(1, 4, (1,), generator=rng))], "\x00\x01"]
+        tail = TextTail(tokenizer.decode, stop, tokenizer.decode_bytes)
+        shown, stopped_at = "", None
+        for k, token in enumerate(ids):
+            shown += tail.push(token)
+            if tail.stopped and stopped_at is None:
+                stopped_at = k
+        shown += tail.flush()  # bytes of a character cut short at the end become U+FFFD here
+        stopped_at = len(ids) - 1 if stopped_at is None and tail.stopped else stopped_at
+        end = find_stop(whole, stop)
+        assert end is not None and shown == whole[:end]
+        assert stopped_at is not None  # and never before the stop string is in the text:
+        assert find_stop(tokenizer.decode(ids[:stopped_at + 1]), stop) is not None
+        cut_characters += any(tokenizer.decode(ids[:k]).endswith("\ufffd")
+                              for k in range(1, len(ids)))
+    assert cut_characters > 30  # the hard case happened often

@@ -143,3 +143,18 @@ def test_sampling_is_checked_once_per_call_not_per_token():
         assert checks.call_count == 3
         generate(model, prompt, 20, sampling=Sampling(top_k=5))  # made (and checked) here, once
         assert checks.call_count == 4
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_nan_logits_are_refused_not_turned_into_token_0(greedy):
+    nan = float("nan")
+    for logits in (torch.tensor([[0.0, 1.0, 2.0], [nan, nan, nan]]),  # one row broken
+                   torch.tensor([[nan, 1.0, 2.0]]),  # argmax would pick the NaN, token 0
+                   torch.full((1, 3), float("-inf"))):  # softmax of nothing: NaN
+        if greedy and not logits.isnan().any():
+            continue  # an all -inf row has a greedy answer (the first), like argmax
+        with pytest.raises(ValueError, match=r"^the model's logits are NaN, so no next token can "
+                                             r"be chosen"):
+            Sampling(greedy=greedy).sample(logits, torch.Generator().manual_seed(0))
+    fine = torch.tensor([[0.0, 3.0, 1.0]])
+    assert Sampling(greedy=greedy).sample(fine, torch.Generator().manual_seed(0)).shape == (1,)

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenizers import pre_tokenizers
 
 from tinygpt.tokenizer import (
     UNK_TEXT,
@@ -106,3 +108,18 @@ def test_load_rejects_missing_bad_json_and_unknown_type(tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps({"type": "wordpiece"}))
     with pytest.raises(TokenizerError, match="unknown tokenizer type 'wordpiece'"):
         load_tokenizer(tmp_path / "odd.json")
+
+
+def test_bpe_bytes_read_as_utf8_are_its_decode_for_any_ids():
+    """`decode_bytes` against the tokenizers library's own decode, on random id sequences (token
+    boundaries inside characters, invalid bytes): the bytes, read as UTF-8 with replacement, are
+    the text."""
+    tokenizer = BPETokenizer.train("Thé café à Noël coûte 5 € — ça va? 😀 " * 20, vocab_size=300)
+    generator = torch.Generator().manual_seed(0)
+    for length in range(1, 400):
+        ids = torch.randint(tokenizer.vocab_size, (length % 13 + 1,), generator=generator).tolist()
+        assert tokenizer.decode_bytes(ids).decode("utf-8", "replace") == tokenizer.decode(ids)
+    every_byte = [tokenizer._tokenizer.token_to_id(s) for s in pre_tokenizers.ByteLevel.alphabet()]
+    assert sorted(tokenizer.decode_bytes(every_byte)) == list(range(256))
+    with pytest.raises(TokenizerError, match="token id 300 is outside the vocabulary"):
+        tokenizer.decode_bytes([300])

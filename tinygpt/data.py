@@ -7,20 +7,25 @@ windows of each batch are paged in.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
 import math
 import os
 import random
+import secrets
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +42,8 @@ TINYSHAKESPEARE_URL = (
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CORPORA = ("shakespeare", "tinyshakespeare")
 TRAIN_FRACTION = 0.9
+CACHE_FORMAT = 2  # one tokens.bin with its sha256; format 1 had train.bin and val.bin
+ENCODE_CHUNK_CHARS = 1 << 20  # characters encoded at once: about 40 MB of token ids at most
 
 
 class CorpusError(ValueError):
@@ -180,6 +187,84 @@ def synthetic_text(kind: str, length: int, *, n_symbols: int = 8,
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading a corpus in pieces
+
+
+def text_chunks(path: str | os.PathLike, chunk_chars: int = ENCODE_CHUNK_CHARS) -> Iterator[str]:
+    """The text of a UTF-8 file in pieces of about `chunk_chars` characters, never all at once.
+
+    Each piece but the last ends just before a space that follows a letter or digit. Byte-level
+    BPE never merges across that point (its pre-tokenizer starts a new word at such a space), and
+    a character tokenizer never merges at all, so encoding the pieces one by one gives the same
+    ids as encoding the whole text. A stretch longer than `chunk_chars` with no such point is kept
+    in one piece. Empty and non-UTF-8 files are refused as by `read_text`.
+    """
+    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be an integer >= 1, got {chunk_chars!r}.")
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, offset = "", 0  # text not yet yielded; bytes read before this block
+    with _open_corpus(path) as f:
+        while block := f.read(4 * chunk_chars):
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                carry += decoder.decode(block)
+            except UnicodeDecodeError as error:
+                _not_utf8(path, offset - pending + error.start, error.object[error.start])
+            offset += len(block)
+            while len(carry) >= chunk_chars and (cut := _safe_cut(carry, chunk_chars)):
+                yield carry[:cut]
+                carry = carry[cut:]
+        try:
+            carry += decoder.decode(b"", final=True)
+        except UnicodeDecodeError as error:
+            pending = len(error.object)
+            _not_utf8(path, offset - pending + error.start, error.object[error.start])
+    if offset == 0:
+        raise CorpusError(f"corpus file {str(path)!r} is empty.")
+    if carry:
+        yield carry
+
+
+def _safe_cut(text: str, near: int) -> int:
+    """The last index <= near (else the first after it) where a space follows a letter or digit,
+    or 0 when there is none."""
+    i = text.rfind(" ", 1, near + 1)
+    while i > 0 and not text[i - 1].isalnum():
+        i = text.rfind(" ", 1, i)
+    if i > 0:
+        return i
+    i = text.find(" ", near)
+    while i > 0 and not text[i - 1].isalnum():
+        i = text.find(" ", i + 1)
+    return max(i, 0)
+
+
+def _open_corpus(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise CorpusError(f"corpus file {str(path)!r} does not exist.") from None
+    except IsADirectoryError:
+        raise CorpusError(f"corpus {str(path)!r} is a directory, not a text file.") from None
+
+
+def _not_utf8(path: Path, offset: int, byte: int) -> None:
+    raise CorpusError(
+        f"corpus file {str(path)!r} is not UTF-8: byte 0x{byte:02x} at offset {offset}."
+    )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with _open_corpus(Path(path)) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
 # Token files and batches
 
 
@@ -187,29 +272,26 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
 
 
-def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
-    """Encode `text` once into `out_dir/{train,val}.bin` (first 90% / last 10% of the tokens).
+class DamagedCacheError(CorpusError):
+    """Token files that no longer match what their cache's meta.json recorded."""
 
-    Reused when `out_dir/meta.json` records the same tokenizer and text hash.
+    def __init__(self, token_dir: Path, problem: str):
+        self.damage = f"token cache {str(token_dir)!r} is damaged: {problem}"
+        super().__init__(f"{self.damage}; delete the directory to rebuild it.")
+
+
+def prepare_tokens(text: str, tokenizer: Tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Encode `text` once into `out_dir` (first 90% of the tokens train, last 10% validation).
+
+    Reused when the cache records the same tokenizer and text hash and its token file still has
+    the recorded hash; otherwise rebuilt. See `cached_tokens` for a corpus file, read in pieces.
     """
     out_dir = Path(out_dir)
-    text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    meta = {"text_sha256": text_hash, "tokenizer": tokenizer.to_dict(),
-            "dtype": token_dtype(tokenizer.vocab_size).name}
-    meta_path = out_dir / "meta.json"
-    if meta_path.is_file() and all((out_dir / f"{s}.bin").is_file() for s in ("train", "val")):
-        try:
-            if json.loads(meta_path.read_text(encoding="utf-8")) == meta:
-                return out_dir
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            pass
-    tokens = np.asarray(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size))
-    n_train = int(len(tokens) * TRAIN_FRACTION)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # the meta is written last: it marks the files complete
-    write_atomic(out_dir / "train.bin", tokens[:n_train].tobytes())
-    write_atomic(out_dir / "val.bin", tokens[n_train:].tobytes())
-    write_atomic(meta_path, json.dumps(meta).encode("utf-8"))
+    meta = _cache_meta(hashlib.sha256(text.encode("utf-8")).hexdigest(), tokenizer)
+    try:
+        TokenData.open(out_dir, expect=meta)
+    except CorpusError:
+        _build_cache(iter([text]), meta, tokenizer, out_dir)
     return out_dir
 
 
@@ -218,7 +300,7 @@ def token_cache_dir(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
     """Where the tokens of `corpus_file` under `tokenizer` are cached:
     `data_dir/tokens/STEM-KEY`, KEY a hash of the tokenizer, so two tokenizers never share files.
 
-    The text itself is checked by `prepare_tokens` (its hash is in the cache's meta), so an edited
+    The text itself is checked by `cached_tokens` (its hash is in the cache's meta), so an edited
     corpus is re-encoded in the same place.
     """
     blob = json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8")
@@ -227,43 +309,155 @@ def token_cache_dir(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
 
 
 def cached_tokens(corpus_file: str | os.PathLike, tokenizer: Tokenizer,
-                  data_dir: str | os.PathLike) -> TokenData:
-    """The train/validation tokens of `corpus_file`, encoded once into `data_dir` and reused."""
+                  data_dir: str | os.PathLike, *,
+                  chunk_chars: int = ENCODE_CHUNK_CHARS) -> TokenData:
+    """The train/validation tokens of `corpus_file`, encoded once into `data_dir` and reused.
+
+    The corpus is read and encoded in pieces of about `chunk_chars` characters (`text_chunks`)
+    straight into the token file, so memory stays bounded whatever the corpus size. A cache whose
+    token file no longer has its recorded size and sha256 is rebuilt, and the returned data's
+    `repaired` says so in one sentence (for the caller to tell the user).
+    """
     token_dir = token_cache_dir(corpus_file, tokenizer, data_dir)
-    prepare_tokens(read_text(corpus_file), tokenizer, token_dir)
-    return TokenData.open(token_dir)
+    meta = _cache_meta(file_sha256(corpus_file), tokenizer)
+    repaired = None
+    try:
+        return TokenData.open(token_dir, expect=meta)
+    except DamagedCacheError as error:
+        repaired = f"{error.damage}; it was rebuilt."
+    except CorpusError:
+        pass  # no cache yet, or one for another text: encode
+    _build_cache(text_chunks(corpus_file, chunk_chars), meta, tokenizer, token_dir)
+    data = TokenData.open(token_dir, expect=meta)
+    data.repaired = repaired
+    return data
 
 
-def held_out_tokens(ids: list[int], val_fraction: float, at_least: int) -> list[int]:
+def _cache_meta(text_sha256: str, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What a cache must record to be reused: its format, the text's hash and the tokenizer."""
+    return {"format": CACHE_FORMAT, "text_sha256": text_sha256,
+            "tokenizer": tokenizer.to_dict(), "dtype": token_dtype(tokenizer.vocab_size).name}
+
+
+def _build_cache(chunks: Iterator[str], meta: dict[str, Any], tokenizer: Tokenizer,
+                 out_dir: Path) -> None:
+    """Encode `chunks` one by one into `tokens.bin` in a new hidden directory beside `out_dir`,
+    record the count, the split and the file's sha256 in `meta.json`, then rename the directory
+    into place: a crash leaves the old cache or the new one, never a part of either."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.mkdir(tmp)  # the process umask decides its permissions, as for any other directory
+    try:
+        digest, n_tokens = hashlib.sha256(), 0
+        with open(tmp / "tokens.bin", "wb") as f:
+            for chunk in chunks:
+                blob = np.asarray(tokenizer.encode(chunk), dtype=meta["dtype"]).tobytes()
+                f.write(blob)
+                digest.update(blob)
+                n_tokens += len(blob) // np.dtype(meta["dtype"]).itemsize
+            f.flush()
+            os.fsync(f.fileno())
+        record = {**meta, "n_tokens": n_tokens, "n_train": int(n_tokens * TRAIN_FRACTION),
+                  "tokens_sha256": digest.hexdigest()}
+        with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, old: Path) -> None:
+    """Put directory `new` at `old`, moving an existing `old` away first (then deleting it)."""
+    if old.exists():
+        trash = old.with_name(f".{old.name}.{os.getpid()}.{secrets.token_hex(4)}.trash")
+        os.rename(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(new, old)
+    except OSError:
+        if not old.is_dir():  # another process put its own complete cache there first: keep it
+            raise
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def held_out_tokens(ids: Sequence[int] | np.ndarray, val_fraction: float,
+                    at_least: int) -> Sequence[int] | np.ndarray:
     """The last `val_fraction` of a token stream, the part a model trained on the rest has not
     seen; never fewer than `at_least` tokens (one evaluation window) while the stream has them.
+
+    A slice of `ids`: of a memory-mapped stream, a view that reads nothing yet.
     """
     if not 0.0 < val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be in (0, 1], got {val_fraction}.")
     return ids[max(0, len(ids) - max(int(len(ids) * val_fraction), at_least)):]
 
 
+def unknown_share(ids: np.ndarray, tokenizer: Tokenizer, block: int = 1 << 22) -> float:
+    """The fraction of `ids` that are the tokenizer's `<unk>` (0.0 for a tokenizer without one),
+    counted block by block so a memory-mapped stream is never copied whole."""
+    unk_id = getattr(tokenizer, "unk_id", None)
+    if unk_id is None or len(ids) == 0:
+        return 0.0
+    count = sum(int(np.count_nonzero(np.asarray(ids[i:i + block]) == unk_id))
+                for i in range(0, len(ids), block))
+    return count / len(ids)
+
+
 @dataclass
 class TokenData:
-    """The train and validation token streams of a prepared corpus, memory-mapped."""
+    """A prepared corpus's train split (its first 90%) and validation split (the last 10%),
+    memory-mapped views of one token file when opened from a cache; `repaired` says why that
+    cache was rebuilt, if it was."""
 
     train: np.ndarray
     val: np.ndarray
+    repaired: str | None = None
+    stream: np.ndarray | None = field(default=None, repr=False)  # both splits, when one array
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The whole token stream, train then validation: a view when both split one array."""
+        if self.stream is not None:
+            return self.stream
+        return np.concatenate([self.train, self.val])
 
     @classmethod
-    def open(cls, token_dir: str | os.PathLike) -> TokenData:
+    def open(cls, token_dir: str | os.PathLike, *,
+             expect: dict[str, Any] | None = None) -> TokenData:
+        """The tokens of a cache written by `cached_tokens` or `prepare_tokens`.
+
+        The token file must have the size and sha256 that `meta.json` recorded (a damaged file
+        raises `DamagedCacheError`); with `expect`, the meta must also record those values (a
+        cache of another text or tokenizer raises `CorpusError`).
+        """
         token_dir = Path(token_dir)
-        meta = json.loads((token_dir / "meta.json").read_text(encoding="utf-8"))
+        meta = _read_cache_meta(token_dir)
+        if expect is not None and any(meta.get(k) != v for k, v in expect.items()):
+            raise CorpusError(f"token cache {str(token_dir)!r} holds another text or tokenizer.")
         dtype = np.dtype(meta["dtype"])
-        return cls(*(np.memmap(token_dir / f"{s}.bin", dtype=dtype, mode="r")
-                     for s in ("train", "val")))
+        path = token_dir / "tokens.bin"
+        size = path.stat().st_size if path.is_file() else None
+        if size != meta["n_tokens"] * dtype.itemsize:
+            raise DamagedCacheError(token_dir, f"tokens.bin has {size} bytes, "
+                                               f"{meta['n_tokens'] * dtype.itemsize} were written")
+        if file_sha256(path) != meta["tokens_sha256"]:
+            raise DamagedCacheError(token_dir, "tokens.bin no longer has the sha256 it was "
+                                               "written with")
+        tokens = (np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype))
+        return cls._split(tokens, meta["n_train"])
 
     @classmethod
     def from_tokens(cls, tokens: list[int] | np.ndarray) -> TokenData:
         """In-memory split of an already encoded sequence (same 90/10 rule as the files)."""
         tokens = np.asarray(tokens, dtype=np.int64)
-        n_train = int(len(tokens) * TRAIN_FRACTION)
-        return cls(tokens[:n_train], tokens[n_train:])
+        return cls._split(tokens, int(len(tokens) * TRAIN_FRACTION))
+
+    @classmethod
+    def _split(cls, tokens: np.ndarray, n_train: int) -> TokenData:
+        return cls(tokens[:n_train], tokens[n_train:], stream=tokens)
 
     def check_window(self, max_seq: int) -> None:
         """Both splits must hold at least one `max_seq + 1` window."""
@@ -277,12 +471,31 @@ class TokenData:
     def batch(self, split: str, batch_size: int, max_seq: int,
               generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """`x (b t)` at random offsets from `generator` and `y (b t)`, the same windows shifted by
-        one."""
+        one. Every window that fits is drawn with the same chance, the last one included."""
         tokens = self.train if split == "train" else self.val
         offsets = torch.randint(len(tokens) - max_seq, (batch_size,), generator=generator)
         windows = np.stack([tokens[o:o + max_seq + 1] for o in offsets.tolist()]).astype(np.int64)
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
+
+
+def _read_cache_meta(token_dir: Path) -> dict[str, Any]:
+    """A cache's meta.json, or a CorpusError when there is none or it is not one of ours."""
+    path = token_dir / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorpusError(f"token cache {str(token_dir)!r} does not exist.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise DamagedCacheError(token_dir, "meta.json is not valid JSON") from None
+    wanted = {"format": int, "dtype": str, "n_tokens": int, "n_train": int, "tokens_sha256": str}
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise CorpusError(f"token cache {str(token_dir)!r} has an older format.")
+    if not all(isinstance(meta.get(k), t) for k, t in wanted.items()) or not (
+        0 <= meta["n_train"] <= meta["n_tokens"]
+    ) or meta["dtype"] not in ("uint16", "uint32"):
+        raise DamagedCacheError(token_dir, "meta.json lacks a field or holds a bad value")
+    return meta
 
 
 def _check_sha256(blob: bytes, expected: str, source: str) -> None:

@@ -7,10 +7,11 @@ one call and always removed afterwards, so a model with no call in flight is unt
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -101,9 +102,18 @@ def run_with_interventions(model: TinyDecoderModel, idx: Tensor,
 
 
 def zero_heads(*heads: int) -> HookFn:
-    """An intervention for a per-head activation (`b h ...`) that zeroes the given heads."""
+    """An intervention for a per-head activation (`b h ...`) that zeroes the given heads.
+
+    Heads are counted from 0; a negative or too large index is refused (a ValueError) rather than
+    read as counting from the end.
+    """
+    for head in heads:
+        if isinstance(head, bool) or not isinstance(head, int) or head < 0:
+            raise ValueError(f"a head index must be an integer >= 0, got {head!r}.")
 
     def zero(x: Tensor) -> Tensor:
+        if heads and max(heads) >= x.shape[1]:
+            raise ValueError(f"head {max(heads)} is outside 0..{x.shape[1] - 1}.")
         x = x.clone()
         x[:, list(heads)] = 0.0
         return x
@@ -183,6 +193,10 @@ def classify_heads(model: TinyDecoderModel, idx: Tensor,
     A score is the mean attention weight on that key, so 1.0 is a perfect head of the kind and
     1/position is what uniform attention would give. Needs t >= 4 (two copies of two tokens).
     """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+        0.0 <= threshold <= 1.0
+    ):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}.")
     names = [f"blocks.{n}.attention.hook_pattern" for n in range(model.config.n_layers)]
     _, cache = run_with_cache(model, idx, names)
     induction = _induction_scores(model, idx.shape, names)
@@ -207,16 +221,19 @@ def _induction_scores(model: TinyDecoderModel, shape: torch.Size,
     return [induction_pattern_scores(cache[name]).tolist() for name in names]
 
 
-def eval_windows(ids: list[int] | Tensor, max_seq: int, n_windows: int) -> tuple[Tensor, Tensor]:
+def eval_windows(ids: Sequence[int] | np.ndarray | Tensor, max_seq: int,
+                 n_windows: int) -> tuple[Tensor, Tensor]:
     """Up to `n_windows` non-overlapping windows of a token stream, as inputs and next-token
     targets `(b t)` with t = max_seq, taken evenly from the whole stream so the result is
-    deterministic."""
-    ids = torch.as_tensor(ids, dtype=torch.long)
+    deterministic. Only the windows are read, so a memory-mapped stream is never copied whole."""
+    if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1:
+        raise ValueError(f"the number of windows must be an integer >= 1, got {n_windows!r}.")
     available = (len(ids) - 1) // max_seq
     if available < 1:
         raise ValueError(f"the text has {len(ids)} tokens; at least {max_seq + 1} are needed.")
     starts = torch.linspace(0, available - 1, min(n_windows, available)).round().long() * max_seq
-    rows = torch.stack([ids[s:s + max_seq + 1] for s in starts.tolist()])
+    rows = torch.stack([torch.as_tensor(np.asarray(ids[s:s + max_seq + 1]), dtype=torch.long)
+                        for s in starts.tolist()])
     return rows[:, :-1], rows[:, 1:]
 
 

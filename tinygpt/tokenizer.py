@@ -7,6 +7,7 @@ back.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,6 +51,15 @@ class CharTokenizer:
     @classmethod
     def from_text(cls, text: str, *, strict: bool = False) -> CharTokenizer:
         return cls(sorted(set(text)), strict=strict)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], *, strict: bool = False) -> CharTokenizer:
+        """The tokenizer of the characters of all `texts`, read one at a time (for example
+        `tinygpt.data.text_chunks` of a corpus larger than memory)."""
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls(sorted(chars), strict=strict)
 
     @property
     def vocab_size(self) -> int:
@@ -141,6 +151,18 @@ class BPETokenizer:
                     f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
         return self._tokenizer.decode(ids, skip_special_tokens=False)
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes that `ids` stand for: `decode` is these, read as UTF-8 with every invalid
+        sequence replaced by U+FFFD. A token can hold part of a character, so decoding a stream
+        token by token needs the bytes (see `tinygpt.generate.text.TextTail`)."""
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise TokenizerError(
+                    f"token id {i} is outside the vocabulary 0..{self.vocab_size - 1}.")
+        to_byte = _byte_of_symbol()
+        return bytes(to_byte[symbol] for i in ids for symbol in self._tokenizer.id_to_token(i))
+
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.kind, "tokenizer": json.loads(self._tokenizer.to_str())}
 
@@ -180,3 +202,16 @@ def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
     for text in texts:
         for start in range(0, len(text), size):
             yield text[start:start + size]
+
+
+@functools.cache
+def _byte_of_symbol() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable symbol: the printable Latin-1 bytes as
+    themselves, and the other 68 bytes (controls, space, soft hyphen) as the code points from 256
+    on, in byte order. This is that map read backwards, symbol -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\N{INVERTED EXCLAMATION MARK}"),
+                 ord("\N{NOT SIGN}") + 1), *range(ord("\N{REGISTERED SIGN}"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    symbols = {chr(b): b for b in printable}
+    symbols.update({chr(256 + n): b for n, b in enumerate(others)})
+    return symbols

@@ -40,6 +40,9 @@ def handle(args: argparse.Namespace) -> None:
     if args.beam is not None and args.stream:
         raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
                          "--beam.")
+    if args.beam is not None and args.stop:
+        raise ValueError("--stop ends sampled text; beam search ranks whole continuations and "
+                         "cannot be used with it.")
     if args.compile and args.no_cache:
         raise ValueError("--compile speeds up the cached decode step; it cannot be used with "
                          "--no-cache.")
@@ -63,11 +66,18 @@ def handle(args: argparse.Namespace) -> None:
     pieces = stream(model, tokenizer, prompt, args.max_new_tokens, stop=args.stop or (),
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     generator=generator, **decoding)
-    if not args.stream:
-        print(prompt + "".join(pieces))
+    if args.stream:
+        sys.stdout.write(prompt)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         return
-    sys.stdout.write(prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    drawn: list[str] = []
+    try:
+        for piece in pieces:
+            drawn.append(piece)
+    except KeyboardInterrupt:  # print what was drawn so far, then end as interrupted (code 130)
+        print(prompt + "".join(drawn))
+        raise
+    print(prompt + "".join(drawn))

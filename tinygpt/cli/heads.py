@@ -27,14 +27,18 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     import torch
 
-    from tinygpt.data import held_out_tokens, read_text
+    from tinygpt.data import cached_tokens, held_out_tokens, unknown_share
     from tinygpt.inspection import classify_heads, eval_windows, head_importance
 
-    text = read_text(options.corpus_file(args))
+    corpus = options.corpus_file(args)
     _, ckpt = options.load_selected_checkpoint(args)
-    held_out = held_out_tokens(ckpt.tokenizer.encode(text), args.val_fraction,
+    tokens = cached_tokens(corpus, ckpt.tokenizer, args.data_dir)  # memory-mapped, not read whole
+    options.note_repaired(tokens)
+    held_out = held_out_tokens(tokens.tokens, args.val_fraction,
                                at_least=ckpt.config.max_seq + 1)
     idx, targets = eval_windows(held_out, ckpt.config.max_seq, args.windows)
+    options.note_unknown(unknown_share(idx.flatten().numpy(), ckpt.tokenizer),
+                         "the validation windows")
     device = next(ckpt.model.parameters()).device
     idx, targets = idx.to(device), targets.to(device)
     base, rise = head_importance(ckpt.model, idx, targets)

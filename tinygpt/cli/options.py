@@ -62,6 +62,7 @@ def add_checkpoint(parser: argparse.ArgumentParser) -> None:
                        help=argparse.SUPPRESS)
     add_runs_dir(group)
     add_device(group)
+    add_force(group)
 
 
 def add_lora_merge(parser: argparse.ArgumentParser) -> None:
@@ -71,17 +72,104 @@ def add_lora_merge(parser: argparse.ArgumentParser) -> None:
 
 def load_selected_checkpoint(args: argparse.Namespace):
     """The checkpoint that `add_checkpoint`'s options (and `--lora`, where present) select, on the
-    chosen device: `(run or checkpoint path, Checkpoint)`."""
+    chosen device: `(run or checkpoint path, Checkpoint)`. A model too large for the memory
+    available is refused before it is built, unless `--force`."""
     from tinygpt.checkpoint import latest_run, load_checkpoint
     from tinygpt.devices import pick_device
 
     path = Path(args.checkpoint) if args.checkpoint is not None else latest_run(args.runs_dir)
+    if path.is_file():
+        raise ValueError(f"--checkpoint {str(path)!r} is a file; give a run directory or one "
+                         f"checkpoint directory.")
+    config = _checkpoint_config(path)
+    if config is not None:
+        check_model_fits(config, training=False, force=args.force)
     checkpoint = load_checkpoint(path, device=pick_device(args.device))
     if getattr(args, "lora", None) is not None:
         from tinygpt.lora import load_lora, merge_lora
 
         checkpoint.model = merge_lora(load_lora(checkpoint.model, args.lora))
     return path, checkpoint
+
+
+def _checkpoint_config(path: Path):
+    """The ModelConfig of the checkpoint `path` selects, or None when it cannot be read (loading
+    the checkpoint then says why, in its own words)."""
+    import json
+
+    from tinygpt.checkpoint import CheckpointError, resolve_checkpoint
+    from tinygpt.config import ModelConfig
+
+    try:
+        raw = json.loads((resolve_checkpoint(path) / "config.json").read_text(encoding="utf-8"))
+        return ModelConfig.from_dict(raw)
+    except (CheckpointError, OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+# --- the size of a model, before it is built -----------------------------------------------------
+
+# Training keeps, per parameter, the fp32 weight, its gradient and AdamW's two moments; using a
+# model (sampling, inspection, LoRA on frozen weights) keeps the weight alone.
+TRAINING_BYTES_PER_PARAMETER = 16
+LOADING_BYTES_PER_PARAMETER = 4
+
+
+def add_force(parser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="build the model even when it looks too large for the memory "
+                             "available")
+
+
+def count_parameters(config: ModelConfig) -> list[tuple[str, int]]:
+    """`parameter_table` of the model `config` describes, built on the meta device: shapes
+    without storage, so any size is counted at once and without memory, by the model's own
+    code (whatever options the config grows)."""
+    import torch
+
+    from tinygpt.model import TinyDecoderModel, parameter_table
+
+    with torch.device("meta"):
+        return parameter_table(TinyDecoderModel(config))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give without swapping (MemAvailable), or None if unknown."""
+    import os
+
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_fits(config: ModelConfig, *, training: bool, force: bool,
+                     available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a model whose weights (and, when `training`, its
+    gradients and optimizer moments) exceed the memory available; `force` skips the check."""
+    if force:
+        return
+    available = available_memory() if available is None else available
+    per_parameter = TRAINING_BYTES_PER_PARAMETER if training else LOADING_BYTES_PER_PARAMETER
+    n = sum(count for _, count in count_parameters(config))
+    if available is not None and n * per_parameter > available:
+        what = "to train (weights, gradients, AdamW moments)" if training else "for its weights"
+        raise ValueError(
+            f"a model of {n:,} parameters needs {_size(n * per_parameter)} {what}, more than "
+            f"the {_size(available)} of memory available; choose a smaller config or pass "
+            f"--force."
+        )
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 // 10 else f"{n_bytes / 2**20:.2f} MiB"
 
 
 # --- device, seed, compile ----------------------------------------------------------------------
@@ -91,9 +179,24 @@ def add_device(parser: argparse.ArgumentParser) -> None:
                         help="auto picks CUDA when present, else the CPU (default: auto)")
 
 
+SEED_LIMIT = 2**63  # torch seeds are 64-bit; the trainer adds small offsets to its seed
+
+
+def seed_value(text: str) -> int:
+    """A seed torch accepts: an integer from 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 0 to 2**63 - 1, got {text!r}")
+    return value
+
+
 def add_seed(parser: argparse.ArgumentParser) -> None:
     default = _train_default("seed")
-    parser.add_argument("--seed", type=int, default=default,
+    parser.add_argument("--seed", type=seed_value, default=default,
                         help=f"seeds every random draw: same seed, same result "
                              f"(default: {default})")
 
@@ -147,6 +250,27 @@ def add_corpus(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tinyshakespeare", default=None, metavar="PATH",
                        help="a local copy of tinyshakespeare's input.txt")
     group.add_argument("--url", default=None, help="where to download tinyshakespeare from")
+
+
+def note(message: str) -> None:
+    """One line on stderr that does not stop the command."""
+    print(f"tinygpt: note: {message}", file=sys.stderr)
+
+
+def note_repaired(tokens) -> None:
+    """Tell the user that a damaged token cache was rebuilt (`TokenData.repaired`)."""
+    if tokens.repaired is not None:
+        note(tokens.repaired)
+
+
+def note_unknown(share: float, what: str) -> None:
+    """Tell the user how much of `what` the tokenizer could not encode (its `<unk>` share)."""
+    if share == 1.0:
+        note(f"every token of {what} is <unk>: none of its characters is in the checkpoint's "
+             f"vocabulary, so the results say nothing about this text.")
+    elif share > 0.0:
+        note(f"{share:.1%} of the tokens of {what} are <unk> (characters outside the "
+             f"checkpoint's vocabulary).")
 
 
 def corpus_file(args: argparse.Namespace) -> Path:

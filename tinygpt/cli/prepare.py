@@ -14,9 +14,11 @@ def register(commands) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
-    from tinygpt.data import read_text
+    from tinygpt.data import text_chunks
 
     path = options.corpus_file(args)
-    text = read_text(path)
-    print(f"{args.corpus}: {path} ({len(text.encode('utf-8')):,} bytes, "
-          f"{len(set(text))} distinct characters)")
+    characters: set[str] = set()
+    for chunk in text_chunks(path):  # in pieces: a corpus larger than memory is described too
+        characters.update(chunk)
+    print(f"{args.corpus}: {path} ({path.stat().st_size:,} bytes, "
+          f"{len(characters)} distinct characters)")

@@ -14,10 +14,8 @@ def register(commands) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
-    from tinygpt.model import TinyDecoderModel, parameter_table
-
     config = options.config_from_args(args)
-    rows = parameter_table(TinyDecoderModel(config))
+    rows = options.count_parameters(config)  # on the meta device: no memory, any size
     width = max(len(name) for name, _ in rows)
     print(f"config {args.config}: {config}")
     print(f"{'module':<{width}}  {'parameters':>10}")

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tinygpt.generate.cache import Backend
 from tinygpt.generate.decoder import Decoder, Prompts, start_decoding
+from tinygpt.generate.sampling import NAN_LOGITS
 from tinygpt.model import TinyDecoderModel
 
 
@@ -46,7 +47,7 @@ def beam_search(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *, b
     `compile` is `generate`'s.
 
     Raises:
-        ValueError: naming the first bad argument or prompt token.
+        ValueError: naming the first bad argument or prompt token, or when the logits are NaN.
     """
     _check_beam(model, beam_width, length_penalty, eos_id)
     decoder = start_decoding(model, idx, max_new_tokens, use_cache=use_cache, policy=policy,
@@ -69,6 +70,8 @@ def _search(decoder: Decoder, vocab: int, max_new_tokens: int, beam_width: int,
     finished: list[Beam] = []
     for _ in range(max_new_tokens):
         step = decoder.next_logits().double().log_softmax(dim=-1).cpu()  # b v
+        if step.isnan().any():
+            raise ValueError(NAN_LOGITS)
         total = (log_probs[:, None] + step).flatten()  # (b v)
         wanted = beam_width if eos_id is None else 2 * beam_width  # room for beams that end
         best, flat = total.sort(descending=True, stable=True)  # ties: lower id first, as argmax

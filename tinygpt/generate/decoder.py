@@ -32,7 +32,7 @@ from torch import Tensor
 
 from tinygpt.generate.cache import Backend, DecodingCache, choose_cache
 from tinygpt.generate.sampling import Sampling, resolve_sampling
-from tinygpt.generate.text import check_stop, find_stop
+from tinygpt.generate.text import TextTail, check_stop
 from tinygpt.model import TinyDecoderModel
 
 POLICIES = ("exact", "fast")
@@ -214,12 +214,17 @@ def generate(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *,
     decoder = start_decoding(model, idx, max_new_tokens, use_cache=use_cache, policy=policy,
                              compile=compile)
     rows: list[list[int]] = [[] for _ in decoder.prompts]
+    # A tokenizer's bound `decode` brings its byte decoding along (see TextTail).
+    decode_bytes = getattr(getattr(decode, "__self__", None), "decode_bytes", None)
+    tails = [TextTail(decode, stop, decode_bytes) for _ in rows] if stop is not None else None
     ended = [False] * len(rows)
     for step in decode_loop(decoder, sampling, max_new_tokens, generator):
         for r, token in enumerate(step.tokens.tolist()):
             if not ended[r]:
                 rows[r].append(token)
-                ended[r] = stop is not None and find_stop(decode(rows[r]), stop) is not None
+                if tails is not None:
+                    tails[r].push(token)  # decodes only the row's newest tokens
+                    ended[r] = tails[r].stopped
         if all(ended):
             break
     out = [torch.cat([p, torch.tensor(new, dtype=torch.long)])

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 LogitsFilter = Callable[[Tensor], Tensor]
+NAN_LOGITS = ("the model's logits are NaN, so no next token can be chosen; its weights are "
+              "probably broken (a training run that diverged).")
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -91,12 +93,23 @@ class Sampling:
         return self.greedy or self.temperature == 0
 
     def sample(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Next token ids `(b)` from logits `(b v)`."""
+        """Next token ids `(b)` from logits `(b v)`.
+
+        Raises:
+            ValueError: when a row's logits hold NaN (no token can be chosen from them).
+        """
         if self.is_greedy:
-            return logits.argmax(dim=-1)
+            tokens = logits.argmax(dim=-1)  # argmax ranks NaN above every number
+            # One flag read per step; every caller reads the chosen tokens on the host anyway.
+            if logits.gather(-1, tokens[:, None]).isnan().any():
+                raise ValueError(NAN_LOGITS)
+            return tokens
         logits = reduce(lambda out, keep: keep(out), self._filters, logits)  # in order
         probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        try:
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        except RuntimeError as error:  # torch's text: "probability tensor contains ... nan"
+            raise ValueError(NAN_LOGITS) from error
 
 
 def resolve_sampling(sampling: Sampling | None, temperature: float = 1.0,
