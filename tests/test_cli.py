@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import io
+import json
 import keyword
 import os
 import re
@@ -104,7 +107,32 @@ def paths(tmp_path_factory):
     shutil.copytree(tmp / "runs" / "tiny", tmp / "runs" / "listed")
     for manifest in (tmp / "runs" / "listed").glob("ckpt-*/manifest.json"):
         manifest.write_text("[]", encoding="utf-8")  # valid JSON, but not a table of hashes
+    _altered_copy(tmp / "runs" / "tiny", tmp / "runs" / "badstep", "meta.json",
+                  json.dumps({"format": 1, "step": "x"}).encode())
+    _altered_copy(tmp / "runs" / "tiny", tmp / "runs" / "evil", "state.pt", _code_running_pickle())
     return {"tmp": str(tmp), "run": str(tmp / "runs" / "tiny"), "nan": str(tmp / "runs" / "nan")}
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def _code_running_pickle() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"optimizer": _RunsCode()}, buffer)
+    return buffer.getvalue()
+
+
+def _altered_copy(run, copy, name: str, blob: bytes) -> None:
+    """A copy of `run` whose checkpoint file `name` holds `blob`, its manifest updated to match:
+    what only a deliberate edit (or a bug) can produce, past the manifest's check."""
+    shutil.copytree(run, copy)
+    for ckpt in copy.glob("ckpt-*"):
+        (ckpt / name).write_bytes(blob)
+        manifest = json.loads((ckpt / "manifest.json").read_text(encoding="utf-8"))
+        manifest[name] = hashlib.sha256(blob).hexdigest()
+        (ckpt / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
 
 
 # command line -> exit code -> the last line on stderr (after "tinygpt: error: " for our errors)
@@ -151,6 +179,12 @@ BAD_INPUT = [
      r"the model's logits are NaN, so no next token can be chosen"),
     (["generate", "--checkpoint", "{tmp}/runs/listed"], 2,
      r"manifest\.json' is not a JSON object of file hashes\.$"),
+    (["generate", "--checkpoint", "{tmp}/runs/badstep"], 2,
+     r"badstep/ckpt-\d+/meta\.json must record the step as an integer >= 0, got 'x'\.$"),
+    (["train", "--corpus", "{tmp}/corpus.txt", "--data-dir", "{tmp}/cache", "--runs-dir",
+      "{tmp}/runs", "--name", "evil", "--resume", "--config", "seed", "--max-seq", "8"], 2,
+     r"state\.pt holds something other than tensors and plain data; refusing to load it, as "
+     r"unpickling it could run code\.$"),
 ]
 USAGE_ERRORS = [  # argparse's own: usage, then "tinygpt COMMAND: error: ..."
     (["generate", "--device", "gpu"], 2, r"argument --device: invalid choice: 'gpu'"),

@@ -144,3 +144,27 @@ def test_heads_says_when_every_token_is_unknown_and_when_a_damaged_cache_was_reb
     assert re.fullmatch(r"tinygpt: note: token cache '.*' is damaged: tokens\.bin no longer has "
                         r"the sha256 it was written with; it was rebuilt\.", err[0]), err
     assert err[1].startswith("tinygpt: note: every token of the validation windows is <unk>")
+
+
+def test_inspect_says_when_the_prompt_is_longer_than_max_seq(run, tmp_path, capsys):
+    run_dir, _ = run
+    prompt = "ROMEO: But soft, what light through yonder window breaks? JULIET: Ay me!"
+    page = tmp_path / "long.html"
+    assert main(["inspect", "--checkpoint", str(run_dir), "--prompt", prompt, "--html", str(page),
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().err == ("tinygpt: note: the prompt has more tokens than max_seq = "
+                                       "32; only its last 32 are drawn.\n")
+    html = page.read_text(encoding="utf-8")
+    assert f"last tokens of the prompt: &#x27;{prompt[-32:]}&#x27;</title>" in html
+
+
+def test_finetune_reads_windows_from_the_memory_mapped_cache_and_says_when_all_is_unknown(
+        run, tmp_path, capsys):
+    run_dir, _ = run
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("ÿ" * 400, encoding="utf-8")
+    assert main(["finetune", "--checkpoint", str(run_dir), "--corpus", str(foreign), "--steps",
+                 "2", "--batch-size", "2", "--out", str(tmp_path / "lora"), "--data-dir",
+                 str(tmp_path / "cache")]) == 0
+    assert capsys.readouterr().err.startswith("tinygpt: note: every token of the corpus is <unk>")
+    assert list((tmp_path / "cache" / "tokens").glob("foreign-*/tokens.bin"))

@@ -269,9 +269,13 @@ def _build(path: Path, files: dict[str, bytes], device: str | torch.device) -> C
             f"weights in {str(path)!r} do not fit its config: {str(error).splitlines()[0]}"
         ) from None
     meta = _parse_json(path / "meta.json", files["meta.json"])
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path / 'meta.json'} must record the step as an integer >= 0, got "
+                              f"{step!r}.")
     model.to(device).eval()
-    return Checkpoint(model=model, tokenizer=tokenizer, config=config, step=int(meta["step"]),
-                      path=path, meta=meta)
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, step=step, path=path,
+                      meta=meta)
 
 
 def _state(path: Path, files: dict[str, bytes]) -> dict[str, Any]:
@@ -282,10 +286,11 @@ def _state(path: Path, files: dict[str, bytes]) -> dict[str, Any]:
     """
     try:
         return torch.load(io.BytesIO(files["state.pt"]), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: never say that of a refused file.
         raise CheckpointError(
             f"{path / 'state.pt'} holds something other than tensors and plain data; refusing to "
-            f"load it ({str(error).splitlines()[0]})"
+            f"load it, as unpickling it could run code."
         ) from None
     except (RuntimeError, EOFError) as error:
         raise CheckpointError(f"cannot read {path / 'state.pt'}: {error}") from None

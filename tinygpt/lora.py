@@ -11,11 +11,12 @@ import copy
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -66,30 +67,31 @@ def lora_parameters(peft_model: nn.Module) -> dict[str, Tensor]:
     return {name: p for name, p in peft_model.named_parameters() if "lora_" in name}
 
 
-def finetune(peft_model: nn.Module, ids: Tensor, *, steps: int, batch_size: int = 16,
-             lr: float = 1e-3, seed: int = 0,
+def finetune(peft_model: nn.Module, ids: Sequence[int] | np.ndarray | Tensor, *, steps: int,
+             batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
              should_stop: Callable[[], bool] | None = None) -> list[float]:
     """Train the adapters on random windows of the token stream `ids`; returns the loss per step.
 
-    A non-finite loss raises `NonFiniteLossError` before the step that would spread it into the
-    adapters. `should_stop`, asked after every step, ends the fine-tuning early (a signal, say):
-    the losses then cover the steps done.
+    Only the windows of each batch are read, so `ids` may be a memory-mapped stream of any size;
+    every window that fits is drawn with the same chance, the last one included. A non-finite
+    loss raises `NonFiniteLossError` before the step that would spread it into the adapters.
+    `should_stop`, asked after every step, ends the fine-tuning early (a signal, say): the losses
+    then cover the steps done.
     """
     _check_settings(steps, batch_size, lr)
     max_seq = _base(peft_model).config.max_seq
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    if len(ids) < max_seq + 2:
-        raise ValueError(f"the corpus has {len(ids)} tokens; at least {max_seq + 2} are needed.")
+    if len(ids) < max_seq + 1:
+        raise ValueError(f"the corpus has {len(ids)} tokens; at least {max_seq + 1} are needed.")
     generator = torch.Generator().manual_seed(seed)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    offsets = torch.arange(max_seq + 1)
     device = next(peft_model.parameters()).device
     peft_model.train()
     losses = []
     for step in range(1, steps + 1):
-        starts = torch.randint(0, len(ids) - max_seq - 1, (batch_size, 1), generator=generator)
-        rows = ids[starts + offsets].to(device)  # b (t+1)
+        starts = torch.randint(0, len(ids) - max_seq, (batch_size,), generator=generator)
+        rows = torch.stack([torch.as_tensor(np.asarray(ids[s:s + max_seq + 1]), dtype=torch.long)
+                            for s in starts.tolist()]).to(device)  # b (t+1)
         loss = next_token_loss(peft_model(rows[:, :-1]), rows[:, 1:])
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):

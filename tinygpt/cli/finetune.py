@@ -31,21 +31,24 @@ def register(commands) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
-    from tinygpt.data import read_text
+    from tinygpt.data import cached_tokens, unknown_share
     from tinygpt.inspection import loss_ends
     from tinygpt.lora import LoraSettings, adapter_lock, add_lora, finetune, save_lora
     from tinygpt.train import StopSignals
 
     settings = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
                             targets=tuple(args.lora_targets))
-    text = read_text(options.corpus_file(args))
+    corpus = options.corpus_file(args)
     run, ckpt = options.load_selected_checkpoint(args)
+    tokens = cached_tokens(corpus, ckpt.tokenizer, args.data_dir)  # memory-mapped, not read whole
+    options.note_repaired(tokens)
+    options.note_unknown(unknown_share(tokens.tokens, ckpt.tokenizer), "the corpus")
     out = Path(args.out) if args.out is not None else Path(run) / "lora"
     # Locked before training: a second fine-tuning into the same directory is refused at once.
     with StopSignals() as stop, adapter_lock(out):
         adapted = add_lora(ckpt.model, settings)
-        losses = finetune(adapted, ckpt.tokenizer.encode(text), steps=args.steps,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        losses = finetune(adapted, tokens.tokens, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed,
                           should_stop=lambda: stop.received is not None)
         save_lora(adapted, out)
     if losses:

@@ -27,13 +27,20 @@ def handle(args: argparse.Namespace) -> None:
     if not args.prompt:
         raise ValueError("the prompt is empty.")
     run, ckpt = options.load_selected_checkpoint(args)
-    ids = ckpt.tokenizer.encode(args.prompt)[-ckpt.config.max_seq:]
+    ids = ckpt.tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens.")
+    shown = args.prompt
+    if len(ids) > ckpt.config.max_seq:  # the model sees max_seq tokens: draw its last ones
+        ids = ids[-ckpt.config.max_seq:]
+        shown = ckpt.tokenizer.decode(ids)
+        options.note(f"the prompt has more tokens than max_seq = {ckpt.config.max_seq}; only its "
+                     f"last {ckpt.config.max_seq} are drawn.")
     idx = torch.tensor([ids], device=next(ckpt.model.parameters()).device)
     patterns = attention_patterns(ckpt.model, idx)
     tokens = [ckpt.tokenizer.decode([i]) for i in ids]
-    title = f"{run} (step {ckpt.step}): {args.prompt[:60]!r}"
+    cut = "last tokens of the prompt: " if shown != args.prompt else ""
+    title = f"{run} (step {ckpt.step}): {cut}{shown[-60:] if cut else shown[:60]!r}"
     if args.out is not None:
         print(f"wrote {plot_attention_grid(patterns, tokens, args.out, title=title)}")
     if args.html is not None:

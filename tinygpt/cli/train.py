@@ -26,6 +26,7 @@ def register(commands) -> None:
     options.add_optimizer(parser)
     options.add_device(parser)
     options.add_compile(parser)
+    options.add_force(parser)
     group = parser.add_argument_group("training loop")
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -44,7 +45,7 @@ def register(commands) -> None:
 
 
 def handle(args: argparse.Namespace) -> None:
-    from tinygpt.data import cached_tokens, read_text
+    from tinygpt.data import cached_tokens, text_chunks
     from tinygpt.devices import pick_device
     from tinygpt.distributed import main_process_first, process_group
     from tinygpt.rundir import check_run_name
@@ -55,12 +56,13 @@ def handle(args: argparse.Namespace) -> None:
         raise ValueError(f"training compiles with the {options.DEFAULT_COMPILE_BACKEND} backend "
                          f"only, got --compile {args.compile}.")
     corpus = options.corpus_file(args)
-    tokenizer = (CharTokenizer.from_text(read_text(corpus)) if args.tokenizer == "char"
+    tokenizer = (CharTokenizer.from_texts(text_chunks(corpus)) if args.tokenizer == "char"
                  else load_tokenizer(args.tokenizer))
     if args.cfg_vocab_size not in (None, tokenizer.vocab_size):
         raise ValueError(f"--vocab-size {args.cfg_vocab_size} does not match the tokenizer's "
                          f"vocab_size {tokenizer.vocab_size}.")
     model_config = options.config_from_args(args, vocab_size=tokenizer.vocab_size)
+    options.check_model_fits(model_config, training=True, force=args.force)
     train_config = TrainConfig(**{
         field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
     } | {"compile": args.compile is not None})
@@ -70,6 +72,8 @@ def handle(args: argparse.Namespace) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     with process_group(world_size, pick_device(args.device)) as rank:
         data = main_process_first(lambda: cached_tokens(corpus, tokenizer, args.data_dir))
+        if rank == 0:
+            options.note_repaired(data)
         result = train(run_dir, data, tokenizer, model_config, train_config,
                        resume=args.resume, progress=rank == 0)
     if rank == 0:  # rank 0 reports for the whole group
