@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from corpora import synthetic_text
 
 from tinygpt import data
-from tinygpt.data import CorpusError, TokenData, prepare_tokens, read_text, synthetic_text
+from tinygpt.data import CorpusError, TokenData, prepare_tokens, read_text
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 TINY = os.environ.get("TINYGPT_TINYSHAKESPEARE")
@@ -216,7 +217,7 @@ def test_synthetic_corpora_have_known_best_loss():
     assert best == 0.0 and len(set(text)) == 5 and text[:5] * 20 == text
     text, best = synthetic_text("uniform", 5000, n_symbols=4)
     assert best == pytest.approx(math.log(4)) and len(set(text)) == 4
-    with pytest.raises(CorpusError, match="unknown synthetic corpus 'zipf'"):
+    with pytest.raises(ValueError, match="unknown synthetic corpus 'zipf'"):
         synthetic_text("zipf", 10)
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpora import synthetic_text
 
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.cli import main
-from tinygpt.data import synthetic_text
 
 TEXT, _ = synthetic_text("uniform", 3000, n_symbols=6, seed=2)
 TINY = ["--config", "seed", "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ff", "32",

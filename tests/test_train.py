@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from corpora import synthetic_text
 
 from tinygpt.checkpoint import checkpoint_dirs, load_checkpoint
 from tinygpt.config import ModelConfig
-from tinygpt.data import TokenData, synthetic_text
+from tinygpt.data import TokenData
 from tinygpt.tokenizer import CharTokenizer
 from tinygpt.train import NonFiniteLossError, TrainConfig, lr_at, make_optimizer, train
 

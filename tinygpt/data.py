@@ -11,9 +11,7 @@ import codecs
 import hashlib
 import io
 import json
-import math
 import os
-import random
 import secrets
 import shutil
 import subprocess
@@ -166,24 +164,6 @@ def fetch_tinyshakespeare(data_dir: Path, *, path: str | os.PathLike | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, blob)
     return out
-
-
-def synthetic_text(kind: str, length: int, *, n_symbols: int = 8,
-                   seed: int = 0) -> tuple[str, float]:
-    """A corpus whose best possible next-character loss is known, for tests.
-
-    `cycle`: one fixed random permutation of the symbols repeated; every next character is
-    determined by the previous one, so the best loss is 0. `uniform`: independent uniform draws,
-    best loss ln(n_symbols). Returns (text, best loss in nats).
-    """
-    rng = random.Random(seed)
-    symbols = [chr(ord("a") + i) for i in range(n_symbols)]
-    if kind == "cycle":
-        rng.shuffle(symbols)
-        return "".join(symbols[i % n_symbols] for i in range(length)), 0.0
-    if kind == "uniform":
-        return "".join(rng.choice(symbols) for _ in range(length)), math.log(n_symbols)
-    raise CorpusError(f"unknown synthetic corpus {kind!r}; choose cycle or uniform.")
 
 
 # ---------------------------------------------------------------------------------------------
