@@ -21,12 +21,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
-from strategies import FORWARD_TOL, GRAD_TOL, VARIANT_EXAMPLES, variant_cases, with_examples
+from hypothesis import strategies as st
+from strategies import (
+    FORWARD_TOL,
+    GRAD_TOL,
+    VARIANT_EXAMPLES,
+    seeds,
+    variant_cases,
+    with_examples,
+)
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from reference.positions import rope_complex, rope_interleaved
 from tinygpt import masks
 from tinygpt.attention import MultiHeadAttention
+from tinygpt.positions import apply_rope
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -286,3 +296,145 @@ def test_grouped_heads_match_sdpa_enable_gqa(case):
     torch.testing.assert_close(x_hand.grad, x_sdpa.grad, **GRAD_TOL[case.dtype])
     assert_grads({n: p.grad for n, p in hand.named_parameters()},
                  {n: p.grad for n, p in params.items()}, case.dtype)
+
+
+# ------------------------------------------------------------------------------------- RoPE
+
+positions_of = st.one_of(
+    st.integers(0, 4096).map(lambda start: ("range", start)),
+    st.just(("rows", 0)),
+)
+
+
+def rope_positions(kind, start: int, batch: int, t: int, generator) -> torch.Tensor:
+    """`(t)` positions start.., or `(b t)` positions drawn per row (repeats and gaps allowed)."""
+    if kind == "range":
+        return torch.arange(start, start + t)
+    return torch.randint(0, 4096, (batch, t), generator=generator)
+
+
+@settings(max_examples=100)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), half=st.integers(1, 16),
+       t=st.integers(1, 24), where=positions_of, dtype=st.sampled_from((torch.float64,
+                                                                        torch.float32)),
+       seed=seeds)
+def test_rope_equals_the_complex_multiplication_formulation(batch, heads, half, t, where, dtype,
+                                                            seed):
+    """tinygpt's rotate-half RoPE equals reference.positions' complex multiplication, for ranges
+    of positions up to 4,096 and per-row positions."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, heads, t, 2 * half, generator=generator, dtype=torch.float64).to(dtype)
+    pos = rope_positions(*where, batch, t, generator)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5,
+                                                                                 atol=1e-5)
+    torch.testing.assert_close(apply_rope(x, pos), rope_complex(x, pos), **tolerance)
+
+
+@given(half=st.integers(1, 16), t=st.integers(1, 16), start=st.integers(0, 4096), seed=seeds)
+def test_rotate_half_is_the_interleaved_rotation_of_permuted_features(half, t, start, seed):
+    """The two pairing conventions differ only by where each pair's features sit."""
+    x = torch.randn(2, 3, t, 2 * half, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    pos = torch.arange(start, start + t)
+    interleave = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()
+    torch.testing.assert_close(rope_interleaved(x[..., interleave], pos),
+                               apply_rope(x, pos)[..., interleave], rtol=1e-12, atol=1e-12)
+
+
+def rope_scores(module, x, pos):
+    """The scores `(b h i j)` of a RoPE attention module at token positions `pos`."""
+    seen = {}
+    handle = module.hook_scores.register_forward_hook(lambda m, a, out: seen.setdefault("s", out))
+    try:
+        module(x, positions=pos)
+    finally:
+        handle.remove()
+    return seen["s"]
+
+
+@settings(max_examples=60)
+@given(heads=st.sampled_from((1, 2, 4)), half=st.integers(1, 8), t=st.integers(1, 16),
+       start=st.integers(0, 2048), shift=st.integers(0, 2048), seed=seeds)
+def test_rope_scores_depend_only_on_the_relative_offset(heads, half, t, start, shift, seed):
+    """Shifting every position by the same amount leaves the scores q kᵀ / √d equal (fp64, 1e-10):
+    what RoPE is for. Learned absolute positions have no such property."""
+    torch.manual_seed(seed)
+    module = MultiHeadAttention(heads * 2 * half, heads, rope=True).double()
+    x = torch.randn(2, t, heads * 2 * half, dtype=torch.float64)
+    pos = torch.arange(start, start + t)
+    torch.testing.assert_close(rope_scores(module, x, pos), rope_scores(module, x, pos + shift),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_rope_scores_do_change_with_the_offset_between_tokens():
+    """The property above is not vacuous: moving one key relative to the queries changes them."""
+    torch.manual_seed(0)
+    module = MultiHeadAttention(16, 2, rope=True).double()
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    pos = torch.arange(6)
+    moved = pos.clone()
+    moved[2] = 9
+    assert not torch.allclose(rope_scores(module, x, pos), rope_scores(module, x, moved))
+
+
+@settings(max_examples=60)
+@given(case=variant_cases(even_width=True))
+@with_examples([c for c in VARIANT_EXAMPLES if c.d_head % 2 == 0])
+def test_rope_attention_matches_complex_rope_around_sdpa(case):
+    """A RoPE module (with every mask, ALiBi and grouping drawn) equals the plain projections,
+    reference RoPE by complex multiplication and SDPA: output, input and parameter gradients."""
+    torch.manual_seed(case.seed)
+    hand = MultiHeadAttention(case.d_model, case.n_heads, n_kv_heads=case.n_kv_heads,
+                              rope=True).to(case.dtype)
+    params = detached_params(hand, grad=True)
+    x, out_cot, _ = inputs(case)
+    x_hand, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    kpm = case.is_pad() if case.padding else None
+    out, _ = hand(x_hand, attn_mask=hand_mask(case), key_padding_mask=kpm)
+    sdpa, pos = sdpa_kernel(case), torch.arange(case.t)
+    expected = manual_attention(
+        params, x_ref, case, lambda q, k, v: sdpa(rope_complex(q, pos), rope_complex(k, pos), v))
+    (out * out_cot).sum().backward()
+    (expected * out_cot).sum().backward()
+    torch.testing.assert_close(out, expected, **FORWARD_TOL[case.dtype])
+    torch.testing.assert_close(x_hand.grad, x_ref.grad, **GRAD_TOL[case.dtype])
+    assert_grads({n: p.grad for n, p in hand.named_parameters()},
+                 {n: p.grad for n, p in params.items()}, case.dtype)
+
+
+def test_rope_hook_points_sit_between_v_and_the_scores_and_fire_in_that_order():
+    torch.manual_seed(0)
+    module = MultiHeadAttention(12, 3, n_kv_heads=1, rope=True)
+    names = [n for n, m in module.named_modules() if n.startswith("hook_")]
+    assert names == ["hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_scores",
+                     "hook_masked_scores", "hook_pattern", "hook_z"]
+    fired, shapes = [], {}
+
+    def record(name):
+        def hook(module, args, out):
+            fired.append(name)
+            shapes[name] = tuple(out.shape)
+        return hook
+
+    handles = [getattr(module, n).register_forward_hook(record(n)) for n in names]
+    module(torch.randn(2, 5, 12))
+    for handle in handles:
+        handle.remove()
+    assert fired == names
+    assert shapes["hook_rot_q"] == (2, 3, 5, 4) and shapes["hook_rot_k"] == (2, 1, 5, 4)
+    assert "hook_rot_q" not in dict(MultiHeadAttention(12, 3).named_modules())
+
+
+def test_rope_with_a_cache_equals_the_full_pass():
+    """Decoding one token at a time (keys rotated before they are cached, positions following the
+    cache) gives the full pass's outputs."""
+    from tinygpt.attention import KVCache
+
+    torch.manual_seed(0)
+    module = MultiHeadAttention(16, 4, n_kv_heads=2, rope=True).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    full, _ = module(x, attn_mask=masks.additive_mask(masks.causal(*[masks.positions(7)] * 2),
+                                                      torch.float64))
+    cache = KVCache()
+    steps = [module(x[:, p:p + 1], cache=cache)[0] for p in range(7)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
