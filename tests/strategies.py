@@ -270,3 +270,82 @@ VARIANT_EXAMPLES = (
     VariantCase(8, 8, 3, 1, 12, torch.float64, 6, family="document+window", window=3,
                 document_starts=((True,) + (False,) * 5 + (True,) + (False,) * 5,), alibi=True),
 )
+
+
+@dataclass(frozen=True)
+class VariantModelCase(ModelCase):
+    """A ModelCase whose config has an attention variant, and the forward's own keywords: per
+    row document starts (position 0 always opens one) or prefix lengths."""
+
+    document_starts: tuple[tuple[bool, ...], ...] | None = None
+    prefix_len: tuple[int, ...] | None = None
+
+    def forward_kwargs(self) -> dict:
+        kwargs = {}
+        if self.document_starts is not None:
+            starts = torch.tensor(self.document_starts, dtype=torch.long)
+            starts[:, 0] = 0
+            kwargs["document_ids"] = starts.cumsum(dim=1)
+        if self.prefix_len is not None:
+            kwargs["prefix_len"] = torch.tensor(self.prefix_len)
+        return kwargs
+
+
+@st.composite
+def variant_model_cases(draw, *, dtypes=DTYPES, min_d_model: int = 1, max_seq: int = 24,
+                        max_layers: int = 3, positions=("learned", "alibi", "rope", "none"),
+                        masks=("causal", "window", "document", "prefix"),
+                        grouped: bool = True) -> VariantModelCase:
+    """A variant model (position kind, window, grouped heads if `grouped`) with documents or a
+    prefix drawn for its input. Prefix-LM is never combined with a window or documents (the
+    model refuses)."""
+    position = draw(st.sampled_from(positions))
+    n_heads = draw(st.sampled_from(HEADS))
+    low = max(1, -(-min_d_model // n_heads))
+    widths = st.integers(-(-low // 2), 8).map(lambda d: 2 * d) if position == "rope" else \
+        st.integers(low, 16)
+    d_head = draw(widths)
+    mask = draw(st.sampled_from(masks))
+    t_max = draw(st.integers(1, max_seq))
+    config = ModelConfig(
+        vocab_size=draw(st.integers(2, 64)), d_model=n_heads * d_head, n_heads=n_heads,
+        n_layers=draw(st.integers(1, max_layers)), d_ff=draw(st.integers(1, 64)), max_seq=t_max,
+        norm_first=draw(st.booleans()), activation=draw(st.sampled_from(("relu", "gelu"))),
+        seed_input_scale=draw(st.booleans()), position=position,
+        window=draw(st.integers(1, t_max + 2)) if mask == "window" else None,
+        n_kv_heads=draw(st.sampled_from([g for g in HEADS if n_heads % g == 0]))
+        if grouped else None,
+    )
+    batch, t = draw(st.integers(1, 3)), draw(st.integers(1, t_max))
+    document_starts = prefix_len = None
+    if mask == "document":
+        row = st.lists(st.booleans(), min_size=t, max_size=t).map(tuple)
+        document_starts = tuple(draw(st.lists(row, min_size=batch, max_size=batch)))
+    if mask == "prefix":
+        prefix_len = tuple(draw(st.lists(st.integers(0, t), min_size=batch, max_size=batch)))
+    return VariantModelCase(config=config, batch=batch, t=t, dtype=draw(st.sampled_from(dtypes)),
+                            seed=draw(seeds), document_starts=document_starts,
+                            prefix_len=prefix_len)
+
+
+def _variant(config: ModelConfig, **fields) -> ModelConfig:
+    return replace(config, **fields)
+
+
+# Every variant on fixed inputs: windows of one key and of two across three layers (the window
+# compounds: two layers of window 2 reach three positions back), one-token documents, a prefix
+# covering everything, multi-query RoPE, ALiBi with three heads, no positions at all.
+VARIANT_MODEL_EXAMPLES = (
+    VariantModelCase(_variant(SEED_CONFIG, position="alibi", window=1, max_seq=12), 2, 12,
+                     torch.float64, 0),
+    VariantModelCase(_variant(H3_D5_CONFIG, position="alibi", window=2, n_layers=3), 2, 9,
+                     torch.float64, 1),
+    VariantModelCase(_variant(SEED_CONFIG, position="rope", n_kv_heads=1, max_seq=10), 2, 10,
+                     torch.float64, 2, document_starts=tuple(tuple([True] * 10) for _ in "ab")),
+    VariantModelCase(_variant(SEED_CONFIG, position="learned", max_seq=8), 2, 8, torch.float64, 3,
+                     document_starts=((True, False, False, True, False, True, False, False),) * 2),
+    VariantModelCase(_variant(SEED_CONFIG, position="rope", n_kv_heads=2, max_seq=8), 3, 8,
+                     torch.float64, 4, prefix_len=(8, 0, 3)),
+    VariantModelCase(_variant(H3_D5_CONFIG, position="none", n_kv_heads=1), 2, 9, torch.float64, 5,
+                     prefix_len=(4, 9)),
+)

@@ -2,8 +2,9 @@
 RoPE) are the functions independent implementations compute.
 
 Oracles, none sharing code with `tinygpt`:
-- `nn.MultiheadAttention` given the equivalent float `attn_mask`, 3-D `((b h) i j)`, built here
-  from torch's own constructions (tril, triu, block_diag); ALiBi is additive, so MHA checks it too.
+- `nn.MultiheadAttention` given the equivalent float `attn_mask`, 3-D `((b h) i j)`, built by
+  `reference.masks` from torch's own constructions (tril, triu, block_diag) and the ALiBi paper's
+  closed-form slopes; ALiBi is additive, so MHA checks it too.
   Grouped key/value heads become MHA with each key/value head's rows repeated for its query heads.
 - FlexAttention with a `mask_mod` and a `score_mod` written here as index predicates. On CPU it
   runs eagerly and has no backward pass ("FlexAttention does not support backward on CPU"), so it
@@ -15,8 +16,6 @@ fp32 forward 1e-5, gradients rtol 1e-4 / atol 1e-5.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,13 +25,16 @@ from strategies import (
     FORWARD_TOL,
     GRAD_TOL,
     VARIANT_EXAMPLES,
+    VARIANT_MODEL_EXAMPLES,
     seeds,
     variant_cases,
+    variant_model_cases,
     with_examples,
 )
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from reference import masks as reference_masks
 from reference.positions import rope_complex, rope_interleaved
 from tinygpt import masks
 from tinygpt.attention import MultiHeadAttention
@@ -64,43 +66,14 @@ def hand_mask(case, *, alibi_sign: float = 1.0) -> torch.Tensor:
     return mask
 
 
-def paper_slopes(n: int) -> list[float]:
-    """ALiBi's slopes in the closed form of the paper's code: a power of two n starts at
-    2^(-2^-(log2 n - 3)) and multiplies by that start; other n interleave from 2n."""
-    if math.log2(n).is_integer():
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start**k for k in range(n)]
-    closest = 2 ** math.floor(math.log2(n))
-    return paper_slopes(closest) + paper_slopes(2 * closest)[0::2][: n - closest]
-
-
-def torch_allowed(case) -> torch.Tensor:
-    """`(b i j)` bool, True = may attend, from torch's tril / triu / block_diag."""
-    t, ones = case.t, torch.ones(case.t, case.t, dtype=torch.bool)
-    allowed = ones.tril().repeat(case.batch, 1, 1)
-    if case.family == "prefix":
-        for row, p in enumerate(case.prefix_len):
-            allowed[row, :p, :p] = True
-    if "document" in case.family:
-        for row, ids in enumerate(case.document_ids()):
-            lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
-            blocks = [torch.ones(n, n).tril() for n in lengths]
-            allowed[row] &= torch.block_diag(*blocks).bool()
-    if case.window is not None:
-        allowed &= ones.triu(-(case.window - 1))
-    assert allowed.shape == (case.batch, t, t)
-    return allowed
-
-
 def torch_float_mask(case) -> torch.Tensor:
-    """`(b h i j)`: 0 / -inf from `torch_allowed`, plus -m_h |i - j| with the paper's slopes."""
-    mask = torch.zeros(case.batch, case.t, case.t, dtype=case.dtype)
-    mask = mask.masked_fill(~torch_allowed(case), float("-inf"))[:, None]
-    if case.alibi:
-        distance = (torch.arange(case.t)[:, None] - torch.arange(case.t)[None, :]).abs()
-        slopes = torch.tensor(paper_slopes(case.n_heads), dtype=case.dtype)
-        mask = mask - slopes[None, :, None, None] * distance.to(case.dtype)
-    return mask.expand(case.batch, case.n_heads, case.t, case.t)
+    """`(b h i j)` from `reference.masks`: torch's constructions, the paper's slopes."""
+    prefix = None if case.prefix_len is None else torch.tensor(case.prefix_len)
+    ids = case.document_ids() if case.document_starts is not None else None
+    may_attend = reference_masks.allowed(case.batch, case.t, window=case.window,
+                                         document_ids=ids, prefix_len=prefix)
+    mask = reference_masks.float_mask(may_attend, case.n_heads, case.dtype, alibi=case.alibi)
+    return mask.reshape(case.batch, case.n_heads, case.t, case.t)
 
 
 def flex_mods(case, *, window_slack: int = 0):
@@ -108,7 +81,7 @@ def flex_mods(case, *, window_slack: int = 0):
     ids = case.document_ids() if case.document_starts is not None else None
     prefix = None if case.prefix_len is None else torch.tensor(case.prefix_len)
     is_pad = case.is_pad() if case.padding else None
-    slopes = torch.tensor(paper_slopes(case.n_heads), dtype=case.dtype)
+    slopes = torch.tensor(reference_masks.paper_slopes(case.n_heads), dtype=case.dtype)
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = kv_idx <= q_idx
@@ -438,3 +411,182 @@ def test_rope_with_a_cache_equals_the_full_pass():
     cache = KVCache()
     steps = [module(x[:, p:p + 1], cache=cache)[0] for p in range(7)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------ model level
+
+
+def variant_pair(case):
+    """(tinygpt model, reference model on nn.MultiheadAttention) with equal weights."""
+    from reference import ReferenceDecoderModel, copy_weights
+    from tinygpt import TinyDecoderModel
+
+    torch.manual_seed(case.seed)
+    hand = TinyDecoderModel(case.config).to(case.dtype)
+    reference = ReferenceDecoderModel(case.config).to(case.dtype)
+    copy_weights(hand, reference)
+    return hand, reference
+
+
+@settings(max_examples=80)
+@given(case=variant_model_cases(positions=("learned", "alibi", "none"), grouped=False))
+@with_examples([c for c in VARIANT_MODEL_EXAMPLES if c.config.position != "rope"
+                and c.config.n_kv_heads is None])
+def test_variant_models_match_the_mha_reference(case):
+    """Whole models with windows, documents (learned positions restarting in each), prefixes,
+    ALiBi or no positions: logits and the loss gradient of every parameter equal the reference
+    model's, whose MHA gets the float `((b h) i j)` mask of `reference.masks`."""
+    from reference import reference_key
+    from tinygpt import next_token_loss
+
+    hand, reference = variant_pair(case)
+    idx, kwargs = case.tokens(), case.forward_kwargs()
+    targets = torch.roll(idx, -1, dims=1)
+    logits, ref_logits = hand(idx, **kwargs), reference(idx, **kwargs)
+    next_token_loss(logits, targets).backward()
+    next_token_loss(ref_logits, targets).backward()
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, ref_logits, **FORWARD_TOL[case.dtype])
+    reference_params = dict(reference.named_parameters())
+    for name, param in hand.named_parameters():
+        torch.testing.assert_close(param.grad, reference_params[reference_key(name)].grad,
+                                   **GRAD_TOL[case.dtype], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_reference_refuses_what_mha_cannot_express():
+    from reference import ReferenceDecoderModel
+    from tinygpt import ModelConfig
+
+    for config in (ModelConfig(position="rope"), ModelConfig(n_kv_heads=2)):
+        with pytest.raises(ValueError, match="no RoPE and no grouped"):
+            ReferenceDecoderModel(config)
+
+
+def alibi_profile_error(sign: float) -> float:
+    """Largest |masked score - (-m_h (i - j))| over visible keys, in a one-layer ALiBi model with
+    q and k projected to zero (every score 0), so `hook_masked_scores` holds the bias alone;
+    `sign` -1 plants a bias of the wrong sign. Blocked keys must read -inf."""
+    from tinygpt import ModelConfig, TinyDecoderModel
+    from tinygpt.inspection import run_with_cache
+
+    config = ModelConfig(vocab_size=11, d_model=18, n_heads=6, n_layers=1, d_ff=8, max_seq=9,
+                         position="alibi")
+    torch.manual_seed(0)
+    model = TinyDecoderModel(config).double()
+    model.alibi_slopes.mul_(sign)
+    with torch.no_grad():
+        model.blocks[0].attention.in_proj.weight[: 2 * config.d_model] = 0.0
+    idx = torch.randint(config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    _, cache = run_with_cache(model, idx, ["blocks.0.attention.hook_masked_scores"])
+    masked = cache["blocks.0.attention.hook_masked_scores"]  # b h i j
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    assert torch.isneginf(masked[..., j > i]).all()
+    slopes = torch.tensor(reference_masks.paper_slopes(6), dtype=torch.float64)
+    expected = -slopes[:, None, None] * (i - j)
+    return (masked - expected)[..., j <= i].abs().max().item()
+
+
+def test_alibi_shows_in_the_masked_scores_as_minus_slope_times_distance():
+    """`hook_masked_scores` shows ALiBi's bias: -m_h (i - j) with the paper's slopes for every
+    visible key. The same check reports a planted bias of the wrong sign."""
+    assert alibi_profile_error(1.0) < 1e-12
+    assert alibi_profile_error(-1.0) > 1e-3
+
+
+def attention_parameters(d_model: int, n_heads: int, n_kv_heads: int) -> int:
+    """in_proj: (h + 2 g) d rows of d_model weights and a bias each; out_proj: (h d)² + (h d)."""
+    d = d_model // n_heads
+    rows = (n_heads + 2 * n_kv_heads) * d
+    return rows * d_model + rows + d_model * d_model + d_model
+
+
+@given(heads=st.sampled_from((1, 2, 3, 4, 6, 8)), d_head=st.integers(1, 12), data=st.data())
+def test_grouped_attention_parameter_count_follows_the_formula(heads, d_head, data):
+    from tinygpt import ModelConfig, TinyDecoderModel, parameter_table
+
+    n_kv_heads = data.draw(st.sampled_from([g for g in range(1, heads + 1) if heads % g == 0]))
+    module = MultiHeadAttention(heads * d_head, heads, n_kv_heads=n_kv_heads)
+    expected = attention_parameters(heads * d_head, heads, n_kv_heads)
+    assert sum(p.numel() for p in module.parameters()) == expected
+    config = ModelConfig(d_model=heads * d_head, n_heads=heads, n_kv_heads=n_kv_heads)
+    rows = dict(parameter_table(TinyDecoderModel(config)))
+    assert rows["blocks.0.attention"] == rows["blocks.1.attention"] == expected
+
+
+def test_all_key_value_heads_is_todays_layout_and_the_seed_count():
+    """n_kv_heads == n_heads keeps MHA's packed (3 (h d), (h d)) in_proj and the seed's 20,712;
+    multi-query shrinks each attention by 2 (h - 1) d (d_model + 1)."""
+    from tinygpt import ModelConfig, TinyDecoderModel, parameter_table
+
+    seed = ModelConfig.preset("seed")
+    for config in (seed, ModelConfig.preset("seed", n_kv_heads=4)):
+        model = TinyDecoderModel(config)
+        assert model.blocks[0].attention.in_proj.weight.shape == (96, 32)
+        assert sum(p.numel() for p in model.parameters()) == 20_712
+        assert dict(parameter_table(model))["blocks.0.attention"] == 4224
+    multi_query = TinyDecoderModel(ModelConfig.preset("seed", n_kv_heads=1))
+    assert sum(p.numel() for p in multi_query.parameters()) == 20_712 - 2 * (2 * 3 * 8 * 33)
+
+
+def test_relative_positions_drop_the_position_table():
+    from tinygpt import ModelConfig, TinyDecoderModel, parameter_table
+
+    for position in ("alibi", "rope", "none"):
+        model = TinyDecoderModel(ModelConfig.preset("seed", position=position))
+        assert model.positional is None and "positional" not in dict(parameter_table(model))
+        assert sum(p.numel() for p in model.parameters()) == 20_712 - 32 * 32
+
+
+VARIANT_CONFIG_ERRORS = [
+    ({"window": 0}, "window must be a positive integer, got 0."),
+    ({"window": 2.5}, "window must be a positive integer, got 2.5."),
+    ({"n_kv_heads": 3}, "n_heads (4) must be divisible by n_kv_heads (3)."),
+    ({"n_kv_heads": 0}, "n_kv_heads must be a positive integer, got 0."),
+    ({"position": "rope", "d_model": 12}, "rope positions need an even d_head, got 3."),
+    ({"position": "absolute"},
+     "position must be one of learned, alibi, rope, none, got 'absolute'."),
+]
+
+
+@pytest.mark.parametrize("fields, message", VARIANT_CONFIG_ERRORS,
+                         ids=[str(f) for f, _ in VARIANT_CONFIG_ERRORS])
+def test_variant_config_errors_are_one_sentence(fields, message):
+    from tinygpt import ModelConfig
+
+    with pytest.raises(ValueError) as error:
+        ModelConfig.preset("seed", **fields)
+    assert str(error.value) == message
+
+
+def test_checkpoints_carry_the_variant_and_old_configs_still_load(tmp_path):
+    """A variant model saves and loads with its fields; a config.json written before the fields
+    existed loads as the learned, full-window, all-heads model it was."""
+    import hashlib
+    import json
+
+    from tinygpt import ModelConfig, TinyDecoderModel
+    from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+    from tinygpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("abcdefg \n")
+    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, position="rope",
+                                window=3, n_kv_heads=2)
+    torch.manual_seed(0)
+    model = TinyDecoderModel(config)
+    path = save_checkpoint(tmp_path / "variant", model=model, tokenizer=tokenizer, step=1)
+    loaded = load_checkpoint(path)
+    assert loaded.config == config
+    idx = torch.randint(tokenizer.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.model(idx), model.eval()(idx))
+    old = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size)
+    path = save_checkpoint(tmp_path / "old", model=TinyDecoderModel(old), tokenizer=tokenizer,
+                           step=1)
+    fields = json.loads((path / "config.json").read_text())
+    for key in ("position", "window", "n_kv_heads"):
+        del fields[key]
+    (path / "config.json").write_text(json.dumps(fields))
+    manifest = json.loads((path / "manifest.json").read_text())  # as the old writer would have
+    manifest["config.json"] = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_checkpoint(path)
+    assert loaded.config == old and loaded.model.positional is not None
