@@ -167,7 +167,7 @@ class TinyDecoderModel(nn.Module):
             x = self.final_norm(x)
         return self.lm_head(x)
 
-    def _attention_mask(self, t: int, past: int, x: Tensor, document_ids: Tensor | None,
+    def _attention_mask(self, t: int, past: int | Tensor, x: Tensor, document_ids: Tensor | None,
                         prefix_len: Tensor | None) -> Tensor | None:
         """The additive mask every block shares: `(i j)`, `(b i j)`, or `(1|b h i j)` with ALiBi;
         for the tiled core, the same mask as a `TileMask` (a prefix-LM's goes as a dense bias)."""
@@ -178,8 +178,11 @@ class TinyDecoderModel(nn.Module):
                 and prefix_len is None):
             # = causal_mask(t, past + t); one new token may see every key, so it needs no mask.
             return None if t == 1 else self.causal_mask[past:past + t, :past + t].to(x.dtype)
-        q_pos = masks.positions(t, past, device=x.device)
-        k_pos = masks.positions(past + t, device=x.device)
+        q_pos = masks.positions(t, device=x.device) + past
+        # A fixed-size cache (its length a tensor, so one compiled graph serves every step) shows
+        # the attention all of its max_seq columns; the unwritten ones are padding.
+        n_keys = self.config.max_seq if isinstance(past, Tensor) else past + t
+        k_pos = masks.positions(n_keys, device=x.device)
         if prefix_len is not None:
             if document_ids is not None or config.window is not None:
                 raise ValueError("prefix_len cannot be combined with document_ids or a window.")

@@ -56,7 +56,7 @@ class Decoder:
         self.cache, self.prompts = cache, prompts
         self.max_seq = model.config.max_seq
         self.keep = self.max_seq if policy == "exact" else max(1, self.max_seq // 2)
-        self.device = model.positional.device
+        self.device = model.embedding.weight.device  # every model has one; not every a table
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
         self.idx = torch.stack([F.pad(p, (width - len(p), 0)) for p in prompts]).to(self.device)
