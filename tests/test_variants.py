@@ -649,3 +649,51 @@ def test_cli_model_options_include_the_variant_fields(capsys):
     assert main(["summary", "--config", "seed", "--n-kv-heads", "3"]) == 2
     err = capsys.readouterr().err
     assert err == "tinygpt: error: n_heads (4) must be divisible by n_kv_heads (3).\n"
+
+
+# -------------------------------------------------------------------- packed documents in training
+
+
+def test_separator_document_ids_end_each_document_with_its_separator():
+    from tinygpt.data import separator_document_ids
+
+    x = torch.tensor([[5, 9, 5, 5, 9, 9, 1], [9, 1, 2, 3, 4, 5, 6]])
+    assert separator_document_ids(x, 9).tolist() == [[0, 0, 1, 1, 1, 2, 3],
+                                                      [0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_training_with_packed_documents_masks_every_batch(tmp_path, capsys):
+    """`tinygpt train --pack-documents SEP`: every training and validation forward gets the
+    separator's document ids (no token attends across a boundary); a separator that is not one
+    token of the vocabulary is one error line, exit code 2."""
+    from unittest import mock
+
+    from tinygpt import TinyDecoderModel
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.cli import main
+    from tinygpt.data import separator_document_ids
+
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("".join(f"document {n} is short.|" for n in range(200)))
+    args = ["train", "--corpus", str(corpus), "--data-dir", str(tmp_path / "cache"),
+            "--runs-dir", str(tmp_path / "runs"), "--name", "r", "--config", "seed",
+            "--max-seq", "16", "--position", "rope", "--batch-size", "4", "--steps", "2",
+            "--eval-every", "2", "--eval-batches", "1"]
+    calls = []
+    forward = TinyDecoderModel.forward
+
+    def spy(self, idx, **kwargs):
+        calls.append((idx, kwargs.get("document_ids")))
+        return forward(self, idx, **kwargs)
+
+    with mock.patch.object(TinyDecoderModel, "forward", spy):
+        assert main([*args, "--pack-documents", "|"]) == 0
+    (separator,) = load_checkpoint(tmp_path / "runs" / "r").tokenizer.encode("|")
+    assert len(calls) >= 3  # two steps and an evaluation
+    for idx, document_ids in calls:
+        assert torch.equal(document_ids, separator_document_ids(idx, separator))
+    assert any(document_ids.max() > 0 for _, document_ids in calls)
+    capsys.readouterr()
+    assert main([*args, "--name", "s", "--pack-documents", "#"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tinygpt: error: --pack-documents separator '#' is not in the tokenizer's vocabulary.")
