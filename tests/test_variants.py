@@ -697,3 +697,49 @@ def test_training_with_packed_documents_masks_every_batch(tmp_path, capsys):
     assert main([*args, "--name", "s", "--pack-documents", "#"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "tinygpt: error: --pack-documents separator '#' is not in the tokenizer's vocabulary.")
+
+
+@pytest.mark.parametrize("lengths", [(1, 5, 3), (4, 4)], ids=["ragged", "unpadded"])
+@pytest.mark.parametrize("variant", ["rope-grouped", "alibi-window", "none-multi-query"])
+def test_rolling_cache_equals_a_sliding_window_over_the_whole_history(variant, lengths):
+    """policy="rolling": past max_seq the cache drops its oldest key and value, never
+    re-prefilling; each step's logits equal (fp64, 1e-10) those of the same weights run over the
+    row's whole history with a window of min(window, max_seq) keys in every layer. Ragged rows
+    (left padding) and rows of one length (no padding mask) alike."""
+    from dataclasses import replace
+
+    from tinygpt import ModelConfig, TinyDecoderModel
+    from tinygpt.generate import generate_steps
+
+    config = ModelConfig.preset("seed", vocab_size=12, max_seq=6, **GENERATION_VARIANTS[variant])
+    torch.manual_seed(0)
+    model = TinyDecoderModel(config).double().eval()
+    window = min(config.window or config.max_seq, config.max_seq)
+    whole = TinyDecoderModel(replace(config, max_seq=64, window=window)).double().eval()
+    whole.load_state_dict(model.state_dict())
+    prompts = [torch.randint(12, (n,), generator=torch.Generator().manual_seed(n + row))
+               for row, n in enumerate(lengths)]
+    steps = list(generate_steps(model, prompts, 15, policy="rolling",
+                                generator=torch.Generator().manual_seed(0)))
+    histories = [p.tolist() for p in prompts]
+    for k, step in enumerate(steps):
+        for row, history in enumerate(histories):
+            expected = whole(torch.tensor([history]))[0, -1]
+            torch.testing.assert_close(step.logits[row], expected, rtol=1e-10, atol=1e-10,
+                                       msg=lambda m, k=k, row=row: f"step {k}, row {row}: {m}")
+            history.append(int(step.tokens[row]))
+    assert len(histories[0]) > 2 * config.max_seq  # the cache rolled many times
+
+
+def test_rolling_refuses_learned_positions_and_caches_it_cannot_roll():
+    from tinygpt import ModelConfig, TinyDecoderModel
+    from tinygpt.generate import generate
+
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    learned = TinyDecoderModel(ModelConfig.preset("seed", max_seq=6))
+    with pytest.raises(ValueError, match="rolling policy needs relative positions"):
+        generate(learned, prompt, 3, policy="rolling")
+    rope = TinyDecoderModel(ModelConfig.preset("seed", max_seq=6, position="rope"))
+    for options in (dict(use_cache=False), dict(compile="eager")):
+        with pytest.raises(ValueError, match="rolling policy needs the eager cache"):
+            generate(rope, prompt, 3, policy="rolling", **options)
