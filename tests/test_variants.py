@@ -743,3 +743,17 @@ def test_rolling_refuses_learned_positions_and_caches_it_cannot_roll():
     for options in (dict(use_cache=False), dict(compile="eager")):
         with pytest.raises(ValueError, match="rolling policy needs the eager cache"):
             generate(rope, prompt, 3, policy="rolling", **options)
+
+
+def test_variant_models_compile_whole():
+    """A variant forward (RoPE, grouped heads, a window and documents: the general mask path,
+    positions restarting per document) traces into one graph: fullgraph=True raises on any
+    graph break. (One trace: each costs seconds.)"""
+    from tinygpt import ModelConfig, TinyDecoderModel
+
+    idx = torch.randint(40, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 2 + [1] * 10])
+    torch.manual_seed(0)
+    model = TinyDecoderModel(ModelConfig.preset("seed", position="rope", n_kv_heads=2, window=5))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(idx, document_ids=ids), model(idx, document_ids=ids))
