@@ -757,3 +757,13 @@ def test_variant_models_compile_whole():
     model = TinyDecoderModel(ModelConfig.preset("seed", position="rope", n_kv_heads=2, window=5))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(idx, document_ids=ids), model(idx, document_ids=ids))
+
+
+@given(case=variant_model_cases())
+def test_variant_configs_round_trip_through_json(case):
+    import json
+
+    from tinygpt import ModelConfig
+
+    values = json.loads(json.dumps(case.config.to_dict()))
+    assert ModelConfig.from_dict(values) == case.config
