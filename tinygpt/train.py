@@ -86,10 +86,8 @@ class TrainConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
-        separator = self.document_separator
-        if separator is not None and (isinstance(separator, bool) or not isinstance(separator, int)
-                                      or separator < 0):
-            raise ValueError(f"document_separator must be a token id >= 0, got {separator!r}.")
+        if self.document_separator is not None:
+            _check_int("document_separator", self.document_separator, low=0)
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}.")
 
