@@ -767,3 +767,30 @@ def test_variant_configs_round_trip_through_json(case):
 
     values = json.loads(json.dumps(case.config.to_dict()))
     assert ModelConfig.from_dict(values) == case.config
+
+
+@pytest.mark.parametrize("fields", [dict(position="alibi", window=3),
+                                    dict(position="rope", n_kv_heads=2),
+                                    dict(position="none", n_kv_heads=1, window=5)],
+                         ids=["alibi-window", "rope-grouped", "none-multi-query-window"])
+def test_tiled_core_takes_every_variant_mask(fields):
+    """attention_impl="tiled" gets the variant's mask as a TileMask (window, documents, ALiBi as a
+    per-tile bias over positions) or, for a prefix, as a dense bias: the same logits as the
+    dense core (fp64, 1e-10), with and without documents and prefixes."""
+    from dataclasses import replace
+
+    from tinygpt import ModelConfig, TinyDecoderModel
+
+    config = ModelConfig.preset("seed", max_seq=24, **fields)
+    torch.manual_seed(0)
+    dense = TinyDecoderModel(config).double()
+    tiled = TinyDecoderModel(replace(config, attention_impl="tiled")).double()
+    tiled.load_state_dict(dense.state_dict())
+    idx = torch.randint(40, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 1 + [1] * 23])
+    keywords = [{}, {"document_ids": ids}]
+    if "window" not in fields:
+        keywords.append({"prefix_len": torch.tensor([5, 24])})
+    for kwargs in keywords:
+        torch.testing.assert_close(tiled(idx, **kwargs), dense(idx, **kwargs), rtol=1e-10,
+                                   atol=1e-10, msg=lambda m, kwargs=kwargs: f"{kwargs}: {m}")
