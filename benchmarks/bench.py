@@ -21,10 +21,14 @@ from benchmarks.harness import Budget, Timing, machine_facts, measure, paired_ra
 from benchmarks.implementations import (
     IMPLEMENTATIONS,
     REFERENCE,
+    VARIANT_IMPLEMENTATIONS,
+    VARIANTS,
     attention_implementations,
     check_attention_agreement,
     check_model_agreement,
     model_implementations,
+    tolerances,
+    variant_implementations,
 )
 from benchmarks.report import markdown_report, plot_results
 from tinygpt.allocator import keep_freed_memory
@@ -304,6 +308,41 @@ def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
             for use_cache, timing in timings.items()]
 
 
+def bench_variants(shape: Shape, device, dtype, *, threads, budget) -> list[dict]:
+    """Each attention variant at one shape: the hand-written mask or bias, nn.MultiheadAttention
+    given the same float mask, and FlexAttention run eagerly; forward (inference_mode) and
+    forward + backward (FlexAttention has no CPU backward, so not there). Outputs agree first."""
+    rows = []
+    for variant in VARIANTS:
+        runs = variant_implementations(variant, shape.batch, shape.context, shape.d_model,
+                                       shape.n_heads, device=device, dtype=dtype)
+        x = _input(shape.batch, shape.context, shape.d_model, device=device, dtype=dtype)
+        with torch.inference_mode():
+            outputs = {name: run(x) for name, run in runs.items()}
+        for name, out in outputs.items():
+            torch.testing.assert_close(out, outputs[REFERENCE], **tolerances(dtype),
+                                       msg=lambda m, name=name: f"{variant} {name}: {m}")
+        x.requires_grad_(True)
+        grad_out = torch.randn_like(x)
+
+        def forward(run):
+            with torch.inference_mode():
+                run(x)
+
+        def forward_backward(run):
+            run(x).backward(grad_out)
+
+        for pass_name, step in (("forward", forward), ("forward+backward", forward_backward)):
+            chosen = {name: partial(step, run) for name, run in runs.items()
+                      if not (name == "flex" and pass_name != "forward" and device.type == "cpu")}
+            timings = measure(chosen, threads=threads, budget=budget, warmup=1)
+            rows += [{**dataclasses.asdict(shape), "variant": variant, "device": device.type,
+                      "dtype": _dtype_name(dtype), "impl": name, "pass": pass_name,
+                      **timing.to_dict()} for name, timing in timings.items()]
+    _add_ratios(rows, keys=("name", "variant", "device", "dtype", "pass"))
+    return rows
+
+
 def _add_ratios(rows: list[dict], keys: tuple[str, ...]) -> None:
     """Each row's time over the reference's in the same group, paired round by round (same run):
     `ratio_vs_mha` is the median of the per-round ratios, `ratio_q1`/`ratio_q3` their quartiles."""
@@ -342,7 +381,9 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
     results = {"quick": quick, "machine": {**machine_facts(threads), "malloc": malloc},
                "cuda": cuda_line, "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
                "compile_options": plan.compile_options, "matmul": [],
-               "attention": [], "sweep": [], "tiled": [], "model": [], "generation": []}
+               "attention": [], "sweep": [], "tiled": [], "model": [], "generation": [],
+               "variants": [], "variant_implementations": VARIANT_IMPLEMENTATIONS,
+               "variant_names": VARIANTS}
     for device, dtype in runs:
         label = f"{device.type} {_dtype_name(dtype)}"
         log(f"{label}: dense matmul throughput")
@@ -364,6 +405,10 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
                                             threads=threads, budget=plan.slow_budget,
                                             compile_options=plan.compile_options)
         if dtype == torch.float32:
+            for shape in plan.shapes:
+                log(f"{label}: attention variants at {shape.name}")
+                results["variants"] += bench_variants(shape, device, dtype, threads=threads,
+                                                      budget=plan.slow_budget)
             log(f"{label}: generation")
             results["generation"] += bench_generation(plan, device, threads=threads,
                                                       budget=plan.slow_budget)

@@ -47,8 +47,9 @@ class FusedAttention(MultiHeadAttention):
     """
 
     def forward(self, x, attn_mask=None, key_padding_mask=None, need_weights=False,
-                average_attn_weights=True, cache: KVCache | None = None):
-        """x `(b t (h d))`, attn_mask `(i j)` additive float -> out `(b t (h d))`, None."""
+                average_attn_weights=True, cache: KVCache | None = None, positions=None):
+        """x `(b t (h d))`, attn_mask `(i j)` additive float -> out `(b t (h d))`, None.
+        (`positions` is for RoPE, which the benchmarked models do not use.)"""
         if need_weights or key_padding_mask is not None:
             raise ValueError("FusedAttention takes only an attn_mask and returns no weights.")
         if attn_mask is not None and not attn_mask.is_floating_point():
@@ -190,3 +191,135 @@ def check_model_agreement(models: dict[str, nn.Module], idx: Tensor, *, dtype) -
             ) from None
         worst[name] = float((got - logits[REFERENCE]).abs().max())
     return worst
+
+
+# --- attention variants: the hand-written masks and biases against MHA and FlexAttention --------
+
+VARIANTS = {
+    "window": "sliding window of t/4 keys",
+    "prefix": "prefix-LM, prefix t/2",
+    "documents": "4 documents per row",
+    "alibi": "causal + ALiBi",
+    "grouped": "causal, h/2 key/value heads",
+}
+VARIANT_IMPLEMENTATIONS = {
+    "hand": "hand-written (tinygpt.masks)",
+    "mha": "nn.MultiheadAttention, same float mask",
+    "flex": "FlexAttention, eager (no CPU backward)",
+}
+
+
+def _variant_spec(variant: str, batch: int, t: int):
+    """(window, document_ids (b t), prefix_len (b), alibi) for a variant; None where unused."""
+    window = max(1, t // 4) if variant == "window" else None
+    documents = (torch.arange(t) * 4 // t).repeat(batch, 1) if variant == "documents" else None
+    prefix = torch.full((batch,), t // 2) if variant == "prefix" else None
+    return window, documents, prefix, variant == "alibi"
+
+
+def _hand_variant_mask(variant, batch, t, n_heads, *, device, dtype) -> Tensor:
+    """The additive mask `(i j)`, `(b i j)` or `(1 h i j)` from `tinygpt.masks`."""
+    from tinygpt import masks
+
+    window, documents, prefix, alibi = _variant_spec(variant, batch, t)
+    pos = masks.positions(t)
+    if prefix is not None:
+        blocked = masks.prefix_lm(pos, pos, prefix)
+    elif documents is not None:
+        blocked = masks.document(pos, pos, documents)
+    elif window is not None:
+        blocked = masks.sliding_window(pos, pos, window)
+    else:
+        blocked = masks.causal(pos, pos)
+    mask = masks.additive_mask(blocked, dtype)
+    if alibi:
+        bias = masks.alibi_bias(masks.alibi_slopes(n_heads), pos, pos).to(dtype)
+        mask = masks.with_head_bias(mask, bias)
+    return mask.to(device)
+
+
+def _flex_variant(variant, batch, t, n_heads, *, device, dtype):
+    """(block_mask, score_mod) for FlexAttention, written as predicates over indices."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from reference.masks import paper_slopes
+
+    window, documents, prefix, alibi = _variant_spec(variant, batch, t)
+    documents = None if documents is None else documents.to(device)
+    prefix = None if prefix is None else prefix.to(device)
+    slopes = torch.tensor(paper_slopes(n_heads), device=device, dtype=dtype)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        if prefix is not None:
+            allowed = allowed | (kv_idx < prefix[b])
+        if window is not None:
+            allowed = allowed & (q_idx - kv_idx < window)
+        if documents is not None:
+            allowed = allowed & (documents[b, q_idx] == documents[b, kv_idx])
+        return allowed
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    block_mask = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=t, KV_LEN=t,
+                                   device=device.type)
+    return block_mask, (score_mod if alibi else None)
+
+
+def variant_implementations(variant: str, batch: int, t: int, d_model: int, n_heads: int, *,
+                            device, dtype, seed: int = 0) -> dict[str, Callable[[Tensor], Tensor]]:
+    """name -> `f(x (b t (h d))) -> out (b t (h d))`, the same weights and the same mask in each.
+
+    `mha` gets the mask as MHA's float `((b h) i j)` from `reference.masks` (grouped heads: each
+    key/value head's rows repeated for its query heads); `flex` projects with the same weights
+    and calls FlexAttention eagerly, which on CPU has no backward pass.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from reference import masks as reference_masks
+
+    n_kv_heads = max(1, n_heads // 2) if variant == "grouped" else n_heads
+    torch.manual_seed(seed)
+    hand = MultiHeadAttention(d_model, n_heads, n_kv_heads=n_kv_heads).to(device=device,
+                                                                           dtype=dtype)
+    mha = _expanded_mha(hand, n_kv_heads).to(device=device, dtype=dtype)
+    mask = _hand_variant_mask(variant, batch, t, n_heads, device=device, dtype=dtype)
+    window, documents, prefix, alibi = _variant_spec(variant, batch, t)
+    may_attend = reference_masks.allowed(batch, t, window=window, document_ids=documents,
+                                         prefix_len=prefix)
+    mha_mask = reference_masks.float_mask(may_attend, n_heads, dtype, alibi=alibi).to(device)
+    block_mask, score_mod = _flex_variant(variant, batch, t, n_heads, device=device, dtype=dtype)
+    d = d_model // n_heads
+
+    def flex(x):
+        q, k, v = hand.in_proj(x).split([d_model, n_kv_heads * d, n_kv_heads * d], dim=-1)
+        q = rearrange(q, "b t (h d) -> b h t d", h=n_heads)
+        k, v = (rearrange(z, "b t (g d) -> b g t d", g=n_kv_heads) for z in (k, v))
+        z = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                           enable_gqa=n_kv_heads != n_heads)
+        return hand.out_proj(rearrange(z, "b h t d -> b t (h d)"))
+
+    return {
+        "hand": lambda x: hand(x, attn_mask=mask)[0],
+        "mha": lambda x: mha(x, x, x, attn_mask=mha_mask, need_weights=False)[0],
+        "flex": flex,
+    }
+
+
+def _expanded_mha(hand: MultiHeadAttention, n_kv_heads: int) -> nn.MultiheadAttention:
+    """nn.MultiheadAttention computing `hand`'s function: grouped key/value rows repeated."""
+    d_model, n_heads = hand.out_proj.in_features, hand.n_heads
+    r = n_heads // n_kv_heads
+    mha = nn.MultiheadAttention(d_model, n_heads, batch_first=True).to(hand.out_proj.weight)
+    weight, bias = hand.in_proj.weight.detach(), hand.in_proj.bias.detach()
+    rows = [weight[:d_model]], [bias[:d_model]]
+    for w, b in zip(weight[d_model:].chunk(2), bias[d_model:].chunk(2)):
+        rows[0].append(rearrange(w, "(g d) e -> g 1 d e", g=n_kv_heads)
+                       .expand(-1, r, -1, -1).reshape(d_model, d_model))
+        rows[1].append(rearrange(b, "(g d) -> g 1 d", g=n_kv_heads).expand(-1, r, -1).reshape(-1))
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat(rows[0]))
+        mha.in_proj_bias.copy_(torch.cat(rows[1]))
+        mha.out_proj.load_state_dict(hand.out_proj.state_dict())
+    return mha

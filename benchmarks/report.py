@@ -39,6 +39,7 @@ def markdown_report(results: dict) -> str:
     out += _sweep_tables(results)
     out += _model_tables(results)
     out += _generation_table(results)
+    out += _variant_tables(results)
     out += ["", f"Run took {results['elapsed_s']:.0f} s.", ""]
     return "\n".join(out)
 
@@ -163,6 +164,24 @@ def _generation_table(results: dict) -> list[str]:
         [[r["device"], r["config"], f"{r['prompt']} + {r['new_tokens']}",
           "yes" if r["use_cache"] else "no", _ms(r["median_s"]), f"{r['tokens_per_s']:,.0f}"]
          for r in results["generation"]]))
+    return out
+
+
+def _variant_tables(results: dict) -> list[str]:
+    """One table per (device, dtype): every variant, size and pass, each implementation's median
+    and its paired ratio to nn.MultiheadAttention given the same float mask."""
+    names, out = results.get("variant_implementations", {}), []
+    for device, dtype in _groups(results.get("variants", [])):
+        rows = [r for r in results["variants"] if (r["device"], r["dtype"]) == (device, dtype)]
+        out += ["", f"## Attention variants, {device} {dtype} (same mask in every implementation)",
+                ""]
+        out.append(_table(
+            ["variant", "size (b, t, d_model, h)", "pass", "implementation", "median ms",
+             "x MHA"],
+            [[results["variant_names"][r["variant"]],
+              f"{r['name']} ({r['batch']}, {r['context']}, {r['d_model']}, {r['n_heads']})",
+              r["pass"], names[r["impl"]], _ms(r["median_s"]),
+              _ratio(r["ratio_vs_mha"], r["ratio_q1"], r["ratio_q3"])] for r in rows]))
     return out
 
 

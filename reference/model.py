@@ -2,6 +2,9 @@
 
 Only the configuration and the weight initialisation come from `tinygpt`; the attention, the
 causal mask (torch's own `generate_square_subsequent_mask`) and the mask handling are torch's.
+Sliding windows, documents, prefixes and ALiBi reach MHA as a float `((b h) i j)` mask from
+`reference.masks`; RoPE and grouped key/value heads have no MHA form, so the reference refuses
+them (their oracles are in the tests).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from reference import masks
 from tinygpt.config import ModelConfig
 from tinygpt.model import init_weights
 
@@ -58,8 +62,13 @@ class ReferenceDecoderModel(nn.Module):
 
     def __init__(self, config: ModelConfig, bool_mask: bool = False):
         super().__init__()
+        if config.position == "rope" or config.n_kv_heads not in (None, config.n_heads):
+            raise ValueError("nn.MultiheadAttention has no RoPE and no grouped key/value heads.")
         self.config = config
-        self.positional = nn.Parameter(torch.empty(config.max_seq, config.d_model))
+        if config.position == "learned":
+            self.positional = nn.Parameter(torch.empty(config.max_seq, config.d_model))
+        else:
+            self.register_parameter("positional", None)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(ReferenceDecoderBlock(config) for _ in range(config.n_layers))
@@ -76,14 +85,36 @@ class ReferenceDecoderModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, document_ids: Tensor | None = None,
+                prefix_len: Tensor | None = None) -> Tensor:
         t = idx.shape[1]
-        x = self.dropout(self.embedding(idx) + self.positional[:t])
-        mask = self.causal_mask[:t, :t]
-        if mask.is_floating_point():
-            mask = mask.to(x.dtype)
+        x = self.embedding(idx)
+        if self.positional is not None:
+            x = x + self._positional(t, document_ids)
+        x = self.dropout(x)
+        config = self.config
+        if (config.position == "alibi" or config.window is not None or document_ids is not None
+                or prefix_len is not None):
+            may_attend = masks.allowed(idx.shape[0], t, window=config.window,
+                                       document_ids=document_ids, prefix_len=prefix_len)
+            mask = masks.float_mask(may_attend, config.n_heads, x.dtype,
+                                    alibi=config.position == "alibi")
+        else:
+            mask = self.causal_mask[:t, :t]
+            if mask.is_floating_point():
+                mask = mask.to(x.dtype)
         for block in self.blocks:
             x = block(x, mask)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.lm_head(x)
+
+    def _positional(self, t: int, document_ids: Tensor | None) -> Tensor:
+        """The table's first t rows, or `(b t (h d))` restarting at 0 in every document."""
+        if document_ids is None:
+            return self.positional[:t]
+        rows = []
+        for ids in document_ids:
+            lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
+            rows.append(torch.cat([torch.arange(n) for n in lengths]))
+        return self.positional[torch.stack(rows)]

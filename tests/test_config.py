@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from hypothesis import given
@@ -69,10 +70,12 @@ def test_unknown_preset_and_unknown_field_are_named():
 
 @given(config=model_configs())
 def test_dict_round_trip(config):
-    """A checkpoint stores the config as a plain dict; it comes back equal."""
+    """A checkpoint stores the config as a plain dict (JSON: None is an unset window or
+    key/value head count); it comes back equal, through JSON too."""
     values = config.to_dict()
-    assert all(isinstance(v, (int, float, str, bool)) for v in values.values())
+    assert all(isinstance(v, (int, float, str, bool, type(None))) for v in values.values())
     assert ModelConfig.from_dict(values) == config
+    assert ModelConfig.from_dict(json.loads(json.dumps(values))) == config
     assert config.d_head * config.n_heads == config.d_model
 
 

@@ -141,7 +141,7 @@ def test_prompts_empty_unknown_and_strict():
     ({"top_k": True}, "top_k must be an integer >= 1, got True"),
     ({"top_p": 0.0}, "top_p must be in \\(0, 1\\], got 0.0"),
     ({"top_p": 1.5}, "top_p must be in \\(0, 1\\], got 1.5"),
-    ({"policy": "lazy"}, "policy must be one of exact, fast, got 'lazy'"),
+    ({"policy": "lazy"}, "policy must be one of exact, fast, rolling, got 'lazy'"),
     ({"stop": ["a"]}, "stop strings need decode="),
     ({"stop": "a", "decode": str}, "stop must be a list of non-empty strings"),
 ])

@@ -9,6 +9,7 @@ from typing import Any
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh")  # gelu_tanh: GPT-2's approximation
 # dense: scaled_dot_product, every hook point; tiled: tinygpt.tiled, memory linear in the context.
 ATTENTION_IMPLS = ("dense", "tiled")
+POSITIONS = ("learned", "alibi", "rope", "none")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,13 @@ class ModelConfig:
     `attention_impl` chooses the attention core: "dense" (`scaled_dot_product`, every hook point,
     memory quadratic in the context) or "tiled" (`tinygpt.tiled`, FlashAttention: linear memory,
     tiles above the causal diagonal skipped, but no scores, pattern or weights to observe).
+
+    `position` says how tokens know where they are: a `learned` table added to the embeddings
+    (the seed), ALiBi's per-head linear penalty on distance added to the scores (`alibi`), queries
+    and keys rotated by their positions (`rope`, which needs an even `d_head`), or nothing but
+    the causal mask (`none`). `window` (None, or the number of keys a query sees, itself
+    included) makes the attention a sliding window. `n_kv_heads` (None means `n_heads`) shares
+    each key/value head among `n_heads / n_kv_heads` query heads; 1 is multi-query attention.
     """
 
     vocab_size: int = 40
@@ -46,6 +54,9 @@ class ModelConfig:
     head_bias: bool = True
     layer_norm_eps: float = 1e-5
     attention_impl: str = "dense"
+    position: str = "learned"
+    window: int | None = None
+    n_kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq"):
@@ -69,6 +80,22 @@ class ModelConfig:
             raise ValueError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}."
             )
+        self._check_attention_variant()
+
+    def _check_attention_variant(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(
+                f"position must be one of {', '.join(POSITIONS)}, got {self.position!r}."
+            )
+        if self.window is not None:
+            check_positive_int("window", self.window)
+        if self.n_kv_heads is not None:
+            check_positive_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads "
+                                 f"({self.n_kv_heads}).")
+        if self.position == "rope" and self.d_head % 2:
+            raise ValueError(f"rope positions need an even d_head, got {self.d_head}.")
 
     @property
     def d_head(self) -> int:

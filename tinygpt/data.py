@@ -459,6 +459,14 @@ class TokenData:
         return windows[:, :-1], windows[:, 1:]
 
 
+def separator_document_ids(x: Tensor, separator: int) -> Tensor:
+    """Document labels `(b t)` for windows x `(b t)` of a packed corpus whose documents each end
+    with the token `separator`: the number of separators before each position, so a separator
+    belongs to the document it ends and the next token opens a new one."""
+    is_separator = (x == separator).long()
+    return is_separator.cumsum(dim=1) - is_separator
+
+
 def _read_cache_meta(token_dir: Path) -> dict[str, Any]:
     """A cache's meta.json, or a CorpusError when there is none or it is not one of ours."""
     path = token_dir / "meta.json"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tinygpt.attention import HookPoint, KVCache, MultiHeadAttention, causal_mask
+from tinygpt import masks
+from tinygpt.attention import HookPoint, KVCache, MultiHeadAttention
 from tinygpt.config import ModelConfig
 from tinygpt.tiled import TileMask
 
@@ -58,7 +59,9 @@ class DecoderBlock(nn.Module):
         eps = config.layer_norm_eps
         self.hook_resid_pre = HookPoint()  # b t (h d)
         self.attention = MultiHeadAttention(config.d_model, config.n_heads, config.dropout,
-                                            impl=config.attention_impl)
+                                            impl=config.attention_impl,
+                                            n_kv_heads=config.n_kv_heads,
+                                            rope=config.position == "rope")
         self.hook_attn_out = HookPoint()  # b t (h d), after dropout
         self.norm1 = nn.LayerNorm(config.d_model, eps=eps)
         self.hook_resid_mid = HookPoint()  # b t (h d)
@@ -70,10 +73,11 @@ class DecoderBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def _attend(self, x: Tensor, mask: Tensor | None, key_padding_mask: Tensor | None,
-                cache: KVCache | None) -> Tensor:
+                cache: KVCache | None, positions: Tensor | None) -> Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
-        out, _ = self.attention(x, attn_mask=mask, key_padding_mask=key_padding_mask, cache=cache)
+        out, _ = self.attention(x, attn_mask=mask, key_padding_mask=key_padding_mask, cache=cache,
+                                positions=positions)
         return self.hook_attn_out(self.dropout(out))
 
     def _feed_forward(self, x: Tensor) -> Tensor:
@@ -81,38 +85,48 @@ class DecoderBlock(nn.Module):
             return self.hook_mlp_out(torch.zeros_like(x))
         return self.hook_mlp_out(self.dropout(self.mlp(x)))
 
-    def forward(self, x, mask=None, key_padding_mask=None, cache=None):  # b t (h d) -> b t (h d)
+    def forward(self, x, mask=None, key_padding_mask=None, cache=None, positions=None):
+        """x `(b t (h d))` -> `(b t (h d))`; `positions (t)` or `(b t)` reach RoPE, if used."""
         resid_pre = self.hook_resid_pre(x)
         if self.norm_first:
-            attn_out = self._attend(self.norm1(resid_pre), mask, key_padding_mask, cache)
+            attn_out = self._attend(self.norm1(resid_pre), mask, key_padding_mask, cache, positions)
             resid_mid = self.hook_resid_mid(resid_pre + attn_out)
             mlp_out = self._feed_forward(self.norm2(resid_mid))
             return self.hook_resid_post(resid_mid + mlp_out)
-        attn_out = self._attend(resid_pre, mask, key_padding_mask, cache)
+        attn_out = self._attend(resid_pre, mask, key_padding_mask, cache, positions)
         resid_mid = self.hook_resid_mid(self.norm1(resid_pre + attn_out))
         mlp_out = self._feed_forward(resid_mid)
         return self.hook_resid_post(self.norm2(resid_mid + mlp_out))
 
 
 class TinyDecoderModel(nn.Module):
-    """Token embedding + learned positions -> blocks -> (final LayerNorm if pre-norm) -> LM head.
+    """Token embedding (+ learned positions) -> blocks -> (final LayerNorm if pre-norm) -> LM head.
 
-    `forward` checks no token values (that would be a host sync per call on a GPU and a graph break
-    under `torch.compile`): callers that take ids from outside call `check_token_ids` once.
+    `config.position` picks how positions enter: a learned table added here, or ALiBi's bias and
+    RoPE's rotation inside each attention (built from `tinygpt.masks` and `tinygpt.positions`),
+    or nothing. `forward` checks no token values (that would be a host sync per call on a GPU and
+    a graph break under `torch.compile`): callers that take ids from outside call
+    `check_token_ids` once.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.positional = nn.Parameter(torch.empty(config.max_seq, config.d_model))  # t (h d)
+        if config.position == "learned":
+            self.positional = nn.Parameter(torch.empty(config.max_seq, config.d_model))  # t (h d)
+        else:
+            self.register_parameter("positional", None)
         self.embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
         self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
                            if config.norm_first else None)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.head_bias)
-        # Not persistent: it is derived from max_seq, so checkpoints need not carry it.
-        self.register_buffer("causal_mask", causal_mask(config.max_seq), persistent=False)
+        # Not persistent: both are derived from the config, so checkpoints need not carry them.
+        self.register_buffer("causal_mask", masks.causal_mask(config.max_seq), persistent=False)
+        if config.position == "alibi":  # float64, cast to the activations' dtype where used
+            self.register_buffer("alibi_slopes", masks.alibi_slopes(config.n_heads),
+                                 persistent=False)
         init_weights(self)
         if config.tie_embeddings:
             self.lm_head.weight = self.embedding.weight  # one tensor: v (h d)
@@ -120,13 +134,17 @@ class TinyDecoderModel(nn.Module):
         self.register_load_state_dict_pre_hook(_rename_old_keys)
 
     def forward(self, idx: Tensor, *, cache: list[KVCache] | None = None,
-                positions: Tensor | None = None, key_padding_mask: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, key_padding_mask: Tensor | None = None,
+                document_ids: Tensor | None = None, prefix_len: Tensor | None = None) -> Tensor:
         """idx `(b t)` token ids -> logits `(b t v)`.
 
-        The keywords serve decoding (`tinygpt.generate`). `cache` (from `new_cache`) holds each
-        block's earlier keys and values: the t tokens follow the cached positions and their keys are
-        appended. `positions (b t)` overrides each token's position, for rows padded on the left;
-        `key_padding_mask (b j)` is True where key j (cached or new) is padding.
+        `cache` (from `new_cache`) holds each block's earlier keys and values: the t tokens
+        follow the cached positions and their keys are appended. `positions (b t)` overrides each
+        token's position, for rows padded on the left; `key_padding_mask (b j)` is True where key
+        j (cached or new) is padding. `document_ids (b j)` labels every position, cached and new,
+        with its document: no token sees another document, and learned and rotary positions
+        restart at each one. `prefix_len (b)` lets the first `prefix_len` positions of each row
+        see each other both ways (a prefix-LM); the rest stays causal.
         """
         t = idx.shape[1]
         if cache is not None and len(cache) != len(self.blocks):
@@ -136,16 +154,65 @@ class TinyDecoderModel(nn.Module):
             raise ValueError(
                 f"{past} cached + {t} new positions exceed max_seq={self.config.max_seq}."
             )
-        x = self.dropout(self.embedding(idx) + self._positional(idx, positions, past))
-        # = causal_mask(t, past + t); one new token may see every key, so it needs no mask.
-        mask = None if t == 1 else self.causal_mask[past:past + t, :past + t].to(x.dtype)
-        if self.config.attention_impl == "tiled":  # the same mask, as structure: tiles get skipped
-            mask = TileMask(causal=True, query_offset=past)
+        if document_ids is not None and positions is None:
+            positions = document_positions(_checked_documents(document_ids, idx, past))[:, past:]
+        x = self.embedding(idx)
+        if self.positional is not None:
+            x = x + self._positional(idx, positions, past)
+        x = self.dropout(x)
+        mask = self._attention_mask(t, past, x, document_ids, prefix_len)
         for block, layer_cache in zip(self.blocks, cache or [None] * len(self.blocks)):
-            x = block(x, mask, key_padding_mask, layer_cache)
+            x = block(x, mask, key_padding_mask, layer_cache, positions)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.lm_head(x)
+
+    def _attention_mask(self, t: int, past: int | Tensor, x: Tensor, document_ids: Tensor | None,
+                        prefix_len: Tensor | None) -> Tensor | None:
+        """The additive mask every block shares: `(i j)`, `(b i j)`, or `(1|b h i j)` with ALiBi;
+        for the tiled core, the same mask as a `TileMask` (a prefix-LM's goes as a dense bias)."""
+        config = self.config
+        if config.attention_impl == "tiled" and prefix_len is None:
+            return self._tile_mask(past, x.dtype, document_ids)
+        if (config.window is None and config.position != "alibi" and document_ids is None
+                and prefix_len is None):
+            # = causal_mask(t, past + t); one new token may see every key, so it needs no mask.
+            return None if t == 1 else self.causal_mask[past:past + t, :past + t].to(x.dtype)
+        q_pos = masks.positions(t, device=x.device) + past
+        # A fixed-size cache (its length a tensor, so one compiled graph serves every step) shows
+        # the attention all of its max_seq columns; the unwritten ones are padding.
+        n_keys = self.config.max_seq if isinstance(past, Tensor) else past + t
+        k_pos = masks.positions(n_keys, device=x.device)
+        if prefix_len is not None:
+            if document_ids is not None or config.window is not None:
+                raise ValueError("prefix_len cannot be combined with document_ids or a window.")
+            blocked = masks.prefix_lm(q_pos, k_pos, prefix_len)
+        elif document_ids is not None:
+            blocked = masks.document(q_pos, k_pos, document_ids)
+        else:
+            blocked = masks.causal(q_pos, k_pos)
+        if config.window is not None:
+            blocked = masks.blocked_by_any(blocked,
+                                           masks.sliding_window(q_pos, k_pos, config.window))
+        mask = masks.additive_mask(blocked, x.dtype)
+        if config.position == "alibi":
+            bias = masks.alibi_bias(self.alibi_slopes, q_pos, k_pos)
+            mask = masks.with_head_bias(mask, bias.to(x.dtype))
+        return mask
+
+    def _tile_mask(self, past: int, dtype: torch.dtype, document_ids: Tensor | None) -> TileMask:
+        """The mask as structure, so that the tiled core skips the tiles it blocks; ALiBi as a
+        bias the core asks for one tile of query and key positions at a time."""
+        bias = None
+        if self.config.position == "alibi":
+            slopes = self.alibi_slopes
+
+            def bias(q_pos: Tensor, k_pos: Tensor) -> Tensor:  # 1 h i j
+                tile = masks.alibi_bias(slopes, q_pos, k_pos).to(dtype)
+                return rearrange(tile, "h i j -> 1 h i j")
+
+        return TileMask(causal=True, window=self.config.window, query_offset=past,
+                        document_ids=document_ids, bias=bias)
 
     def _positional(self, idx: Tensor, positions: Tensor | None, past: int) -> Tensor:
         """Position embeddings `(t (h d))` after the cache, or `(b t (h d))` for given positions."""
@@ -181,6 +248,24 @@ def _rename_old_keys(model: TinyDecoderModel, state: dict, prefix: str, *args) -
     tied = f"{prefix}embedding.weight"
     if tied in state and f"{prefix}lm_head.weight" not in state:
         state[f"{prefix}lm_head.weight"] = state[tied]
+
+
+def _checked_documents(document_ids: Tensor, idx: Tensor, past: int) -> Tensor:
+    expected = (idx.shape[0], past + idx.shape[1])
+    if tuple(document_ids.shape) != expected:
+        raise ValueError(f"document_ids {tuple(document_ids.shape)} must be (batch, cached + new "
+                         f"positions) = {expected}.")
+    return document_ids
+
+
+def document_positions(document_ids: Tensor) -> Tensor:
+    """Each token's position inside its document, `(b t)` from `document_ids (b t)`: 0 at every
+    change of id, counting up until the next."""
+    columns = torch.arange(document_ids.shape[1], device=document_ids.device)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start = torch.where(starts, columns, 0).cummax(dim=1).values
+    return columns - start
 
 
 def init_weights(model: nn.Module) -> None:
@@ -254,7 +339,8 @@ def parameter_table(model: nn.Module) -> list[tuple[str, int]]:
     """Parameters per module, in the order the input flows through them. A tied LM head counts
     only its bias: its weight is the embedding's, counted there."""
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    rows = [("positional", model.positional.numel()), ("embedding", count(model.embedding))]
+    rows = [] if model.positional is None else [("positional", model.positional.numel())]
+    rows.append(("embedding", count(model.embedding)))
     for n, block in enumerate(model.blocks):
         rows += [(f"blocks.{n}.attention", count(block.attention)),
                  (f"blocks.{n}.norm1", count(block.norm1))]

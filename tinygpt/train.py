@@ -24,7 +24,7 @@ from torch import nn
 
 from tinygpt.checkpoint import CheckpointError
 from tinygpt.config import ModelConfig
-from tinygpt.data import TokenData
+from tinygpt.data import TokenData, separator_document_ids
 from tinygpt.devices import pick_device
 from tinygpt.model import TinyDecoderModel, gpt2_init, next_token_loss
 from tinygpt.rundir import RunDir
@@ -59,6 +59,9 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     init: str = "model"
+    # A token that ends each document of a packed corpus: with it, no token attends across a
+    # document boundary and positions restart in each document (`TinyDecoderModel.forward`).
+    document_separator: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
@@ -83,6 +86,8 @@ class TrainConfig:
             )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if self.document_separator is not None:
+            _check_int("document_separator", self.document_separator, low=0)
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}.")
 
@@ -345,13 +350,20 @@ class _Trainer:
             # DDP all-reduces gradients on every backward unless told not to: only on the last.
             sync = nullcontext() if world == 1 or k == accum - 1 else self.net.no_sync()
             with sync, self.autocast:
-                loss = next_token_loss(self.net(x), y) / accum
+                loss = next_token_loss(self.logits(x), y) / accum
             loss.backward()
             loss_sum += loss.detach()
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
         return loss_sum.item()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on windows x `(b t)`; with a document separator, one document never sees
+        another inside a window."""
+        if self.config.document_separator is None:
+            return self.net(x)
+        return self.net(x, document_ids=separator_document_ids(x, self.config.document_separator))
 
     def check_loss(self, loss: float, step: int, what: str = "loss") -> None:
         if not math.isfinite(loss):
@@ -379,7 +391,8 @@ class _Trainer:
         total = torch.zeros((), device=self.device)
         for x, y in self.val_batches:
             with self.autocast:
-                total += next_token_loss(self.net(x.to(self.device)), y.to(self.device)).float()
+                total += next_token_loss(self.logits(x.to(self.device)),
+                                         y.to(self.device)).float()
         total /= len(self.val_batches)
         if self.world > 1:
             dist.all_reduce(total)

@@ -26,8 +26,9 @@ def register(commands) -> None:
                         help="recompute the context every step instead of using the KV cache")
     parser.add_argument("--policy", choices=POLICIES, default="exact",
                         help="when the context outgrows max_seq: exact slides it every token; "
-                             "fast keeps its newest half and re-fills the cache once "
-                             "(default: exact)")
+                             "fast keeps its newest half and re-fills the cache once; "
+                             "rolling (ALiBi, RoPE or no positions) drops the oldest cached key "
+                             "each token (default: exact)")
     options.add_compile(parser)
     parser.set_defaults(func=handle)
 

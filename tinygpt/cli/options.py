@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import signal
 import sys
+import typing
 from pathlib import Path
 
 from tinygpt.config import PRESETS, ModelConfig
@@ -288,8 +289,12 @@ def add_model_config(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model config")
     group.add_argument("--config", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                        help=f"named preset (default: {DEFAULT_PRESET})")
+    hints = typing.get_type_hints(ModelConfig)
     for field in dataclasses.fields(ModelConfig):
-        kind = {int: int, float: float, bool: parse_bool}.get(type(field.default), str)
+        # The annotation, not the default: `window: int | None = None` takes an int.
+        kind = next(t for t in typing.get_args(hints[field.name]) + (hints[field.name],)
+                    if t is not type(None))
+        kind = {int: int, float: float, bool: parse_bool}.get(kind, str)
         group.add_argument(f"--{field.name.replace('_', '-')}", dest=f"cfg_{field.name}",
                            type=kind, default=None, metavar=field.name.upper(),
                            help=f"override the preset's {field.name}")

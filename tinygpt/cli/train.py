@@ -29,9 +29,14 @@ def register(commands) -> None:
     options.add_force(parser)
     group = parser.add_argument_group("training loop")
     defaults = TrainConfig()
+    group.add_argument("--pack-documents", metavar="SEPARATOR", default=None,
+                       help="the corpus packs documents, each ending with SEPARATOR (text that is "
+                            "one token, e.g. a form feed): no token attends across a boundary")
     for field in dataclasses.fields(TrainConfig):
         default = getattr(defaults, field.name)
         flag = f"--{field.name.replace('_', '-')}"
+        if field.name == "document_separator":
+            continue  # given as text, --pack-documents, and encoded with the run's tokenizer
         try:
             if field.name == "init":
                 group.add_argument(flag, default=default, choices=INITS,
@@ -65,7 +70,9 @@ def handle(args: argparse.Namespace) -> None:
     options.check_model_fits(model_config, training=True, force=args.force)
     train_config = TrainConfig(**{
         field.name: getattr(args, field.name) for field in dataclasses.fields(TrainConfig)
-    } | {"compile": args.compile is not None})
+        if field.name != "document_separator"
+    } | {"compile": args.compile is not None,
+         "document_separator": _separator_id(args.pack_documents, tokenizer)})
     name = check_run_name(args.name) if args.name is not None else (
         f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(args.runs_dir) / name
@@ -82,3 +89,17 @@ def handle(args: argparse.Namespace) -> None:
               f"loss curve {run_dir / 'loss_curve.png'}")
     saved = f"saved step {result.step} to {result.checkpoint}"
     options.exit_if_interrupted(result.interrupted, saved, report=rank == 0)
+
+
+def _separator_id(text: str | None, tokenizer) -> int | None:
+    """The one token id `--pack-documents` names, or None without the option."""
+    if text is None:
+        return None
+    ids = tokenizer.encode(text)
+    if len(ids) != 1:
+        raise ValueError(f"--pack-documents needs a separator that is one token; {text!r} is "
+                         f"{len(ids)} tokens.")
+    if tokenizer.decode(ids) != text:
+        raise ValueError(f"--pack-documents separator {text!r} is not in the tokenizer's "
+                         "vocabulary.")
+    return ids[0]

@@ -71,18 +71,29 @@ class GrowingCache:
         self.model = model
 
     def prefill(self, idx: Tensor, positions: Tensor | None, is_pad: Tensor | None) -> Tensor:
-        self.layers, self.is_pad = self.model.new_cache(), is_pad
+        self.layers, self.is_pad, self.rolled = self.model.new_cache(), is_pad, False
         logits = self.model(idx, cache=self.layers, positions=positions, key_padding_mask=is_pad)
         return logits[:, -1]
 
     def decode_one_token(self, idx: Tensor, positions: Tensor) -> Tensor:
-        if self.is_pad is None:
-            positions = None  # with no padding every row's position follows the cache: the default
-        else:
+        if self.is_pad is not None:
             self.is_pad = F.pad(self.is_pad, (0, 1), value=False)
+        elif not self.rolled:
+            positions = None  # with no padding every row's position follows the cache: the default
         logits = self.model(idx, cache=self.layers, positions=positions,
                             key_padding_mask=self.is_pad)
         return logits[:, -1]
+
+    def roll(self, keep: int) -> None:
+        """Drop the oldest columns until at most `keep` remain: the rolling policy's step, for
+        models whose positions are relative (a kept key's position stays right)."""
+        if self.layers[0].length <= keep:
+            return
+        self.rolled = True  # from now on positions run past the cache's length
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[:, :, -keep:], layer.v[:, :, -keep:]
+        if self.is_pad is not None:
+            self.is_pad = self.is_pad[:, -keep:]
 
     def reorder(self, rows: Tensor) -> None:
         for layer in self.layers:

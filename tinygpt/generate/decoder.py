@@ -11,6 +11,13 @@ tokens form the context is the *slide policy*:
 - `"fast"`: when the context would grow past `max_seq` tokens it is cut to its newest
   `max_seq // 2` (at least 1) and re-prefilled once; the following tokens each cost one position
   again. The model then sees between `max_seq // 2` and `max_seq` tokens of history.
+- `"rolling"`, for models with relative positions (`position` alibi, rope or none): once the
+  cache holds `max_seq` keys the oldest key and value of every layer are dropped as each new one
+  comes in, with no re-prefill. Positions keep counting up (RoPE turns by relative offsets, ALiBi
+  penalises distances), so every step equals a pass over the whole history with a sliding window
+  of `max_seq` keys in every layer (each cached key was itself computed from its own window).
+  It needs the eager cache (`use_cache=True`, no `compile`): recomputing a context from scratch
+  would give each key less history than the cache's key had.
 
 `use_cache=False` recomputes the policy's context from scratch at every step: that is the
 definition the cached path is tested against, logits and tokens alike. `compile=True` runs the
@@ -35,7 +42,7 @@ from tinygpt.generate.sampling import Sampling, resolve_sampling
 from tinygpt.generate.text import TextTail, check_stop
 from tinygpt.model import TinyDecoderModel
 
-POLICIES = ("exact", "fast")
+POLICIES = ("exact", "fast", "rolling")
 
 Prompts = Tensor | Sequence[Tensor | Sequence[int]]
 
@@ -53,10 +60,13 @@ class Decoder:
                  cache: DecodingCache):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}.")
-        self.cache, self.prompts = cache, prompts
+        if policy == "rolling" and model.config.position == "learned":
+            raise ValueError("the rolling policy needs relative positions (alibi, rope or none): "
+                             "a learned table has no row past max_seq.")
+        self.cache, self.prompts, self.rolling = cache, prompts, policy == "rolling"
         self.max_seq = model.config.max_seq
         self.keep = self.max_seq if policy == "exact" else max(1, self.max_seq // 2)
-        self.device = model.positional.device
+        self.device = model.embedding.weight.device  # every model has one; not every a table
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = int(lengths.max())
         self.idx = torch.stack([F.pad(p, (width - len(p), 0)) for p in prompts]).to(self.device)
@@ -68,6 +78,8 @@ class Decoder:
         """Logits `(b v)` for each row's next token."""
         if self.new is None:
             return self._prefill()
+        if self.rolling:
+            self.cache.roll(self.max_seq - 1)  # room for the new key
         return self.cache.decode_one_token(self.new, (self.context - 1)[:, None])
 
     def _prefill(self) -> Tensor:
@@ -86,7 +98,7 @@ class Decoder:
         self.idx = torch.cat([self.idx, self.new], dim=1)
         self.context = self.context + 1
         outgrown = self.context > self.max_seq
-        if outgrown.any():
+        if outgrown.any() and not self.rolling:  # rolling: the cache drops its oldest key instead
             self.context = self.context.masked_fill(outgrown, self.keep)
             self.new = None  # the positions of every cached key are now stale: prefill again
 
@@ -140,6 +152,8 @@ def start_decoding(model: TinyDecoderModel, idx: Prompts, max_new_tokens: int, *
                    compile: bool | Backend = False) -> Decoder:
     """A `Decoder` over checked prompts, its cache kind chosen once; every argument checked."""
     check_count(max_new_tokens)
+    if policy == "rolling" and (not use_cache or compile is not False):
+        raise ValueError("the rolling policy needs the eager cache: use_cache=True, no compile.")
     prompts = as_prompts(idx, model)
     return Decoder(model, prompts, policy, choose_cache(model, use_cache, compile))
 
