@@ -136,7 +136,8 @@ def test_unknown_name_and_wrong_replacement_shape_are_clear_errors():
     idx = _ids(model)
     with pytest.raises(ValueError, match="unknown hook name 'blocks.0.hook_pattern'"):
         run_with_cache(model, idx, ["blocks.0.hook_pattern"])
-    with pytest.raises(ValueError, match=r"replacement for blocks.0.hook_resid_pre has shape \(1, 2\)"):
+    wrong_shape = r"replacement for blocks.0.hook_resid_pre has shape \(1, 2\)"
+    with pytest.raises(ValueError, match=wrong_shape):
         run_with_interventions(model, idx, {"blocks.0.hook_resid_pre": lambda x: torch.zeros(1, 2)})
     assert _hook_count(model) == 0
     with pytest.raises(ValueError, match="layer 2 is outside 0..1"):
