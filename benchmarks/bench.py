@@ -287,6 +287,43 @@ def bench_model(preset: str, batch: int, overrides: dict, device, dtype, *, thre
     return rows
 
 
+POSITIONS = ("learned", "alibi", "rope")
+POSITION_LIMIT = 1.15  # ALiBi's bias and RoPE's rotation may cost at most 15 % of a training step
+
+
+def bench_positions(preset: str, batch: int, overrides: dict, device, dtype, *, threads,
+                    budget) -> list[dict]:
+    """Training step (forward, loss, backward, AdamW) of the hand-written model with each kind of
+    position, in interleaved rounds; each row's paired ratio is over the learned-position model's
+    round medians, and `met` says whether it is within `POSITION_LIMIT`."""
+    generator = torch.Generator().manual_seed(0)
+    steps = {}
+    for position in POSITIONS:
+        config = ModelConfig.preset(preset, **{**overrides, "dropout": 0.0, "position": position})
+        torch.manual_seed(0)
+        model = TinyDecoderModel(config).to(device=device, dtype=dtype)
+        tokens = torch.randint(config.vocab_size, (batch, config.max_seq + 1), generator=generator)
+        idx, targets = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        steps[position] = partial(_train_step, model, optimizer, idx, targets)
+    timings = measure(steps, threads=threads, budget=budget)
+    learned = timings["learned"].round_medians_s
+    rows = []
+    for position, timing in timings.items():
+        ratio = paired_ratio(timing.round_medians_s, learned)
+        rows.append({"config": preset, "batch": batch, "device": device.type,
+                     "dtype": _dtype_name(dtype), "position": position, **timing.to_dict(),
+                     "ratio_vs_learned": ratio.median, "ratio_q1": ratio.q1, "ratio_q3": ratio.q3,
+                     "met": ratio.median <= POSITION_LIMIT})
+    return rows
+
+
+def _train_step(model, optimizer, idx, targets) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    next_token_loss(model(idx), targets).backward()
+    optimizer.step()
+
+
 def bench_generation(plan: Plan, device, *, threads, budget) -> list[dict]:
     """Greedy decoding tokens/s through `tinygpt.generate.generate`, with and without the KV cache.
 
@@ -381,7 +418,8 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
     results = {"quick": quick, "machine": {**machine_facts(threads), "malloc": malloc},
                "cuda": cuda_line, "implementations": IMPLEMENTATIONS, "reference": REFERENCE,
                "compile_options": plan.compile_options, "matmul": [],
-               "attention": [], "sweep": [], "tiled": [], "model": [], "generation": [],
+               "attention": [], "sweep": [], "tiled": [], "model": [], "positions": [],
+               "generation": [],
                "variants": [], "variant_implementations": VARIANT_IMPLEMENTATIONS,
                "variant_names": VARIANTS}
     for device, dtype in runs:
@@ -405,6 +443,10 @@ def run(plan: Plan, *, quick: bool, threads: int, malloc: str, log=print) -> dic
                                             threads=threads, budget=plan.slow_budget,
                                             compile_options=plan.compile_options)
         if dtype == torch.float32:
+            preset, batch, overrides = plan.model_configs[-1]
+            log(f"{label}: training step with learned, ALiBi and RoPE positions, {preset} model")
+            results["positions"] += bench_positions(preset, batch, overrides, device, dtype,
+                                                    threads=threads, budget=plan.slow_budget)
             for shape in plan.shapes:
                 log(f"{label}: attention variants at {shape.name}")
                 results["variants"] += bench_variants(shape, device, dtype, threads=threads,

@@ -38,6 +38,7 @@ def markdown_report(results: dict) -> str:
     out += _target_table(results)
     out += _sweep_tables(results)
     out += _model_tables(results)
+    out += _position_table(results)
     out += _generation_table(results)
     out += _variant_tables(results)
     out += ["", f"Run took {results['elapsed_s']:.0f} s.", ""]
@@ -152,6 +153,21 @@ def _model_tables(results: dict) -> list[str]:
               _ms(r["iqr_s"]), f"{r['tokens_per_s']:,.0f}",
               _ratio(r["ratio_vs_mha"], r["ratio_q1"], r["ratio_q3"])]
              for r in rows]))
+    return out
+
+
+def _position_table(results: dict) -> list[str]:
+    rows = results.get("positions", [])
+    if not rows:
+        return []
+    out = ["", "## Positions: training step of the hand-written model, paired against learned "
+           "positions (target: ALiBi and RoPE <= 1.15x)", ""]
+    out.append(_table(
+        ["device", "model (b)", "position", "median ms", "IQR ms", "x learned", "target met"],
+        [[f"{r['device']} {r['dtype']}", f"{r['config']} ({r['batch']})", r["position"],
+          _ms(r["median_s"]), _ms(r["iqr_s"]),
+          _ratio(r["ratio_vs_learned"], r["ratio_q1"], r["ratio_q3"]),
+          "yes" if r["met"] else "no"] for r in rows]))
     return out
 
 

@@ -24,7 +24,8 @@ from tinygpt.attention import MultiHeadAttention, causal_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("## Attention, cpu float32", "## Targets", "## Context sweep, cpu float32",
-            "## Training step of the whole model, cpu float32", "## Generation")
+            "## Training step of the whole model, cpu float32", "## Positions: training step",
+            "## Generation")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,12 @@ def test_quick_json_is_complete(quick_run):
     model = results["model"]
     assert len(model) == len(groups) * len(QUICK.model_configs) * len(IMPLEMENTATIONS)
     assert all(row["tokens_per_s"] > 0 for row in model)
+
+    positions = results["positions"]
+    assert [row["position"] for row in positions] == ["learned", "alibi", "rope"] * (
+        1 + torch.cuda.is_available())
+    assert all(row["ratio_vs_learned"] > 0 and isinstance(row["met"], bool) for row in positions)
+    assert all(row["ratio_vs_learned"] == 1.0 for row in positions if row["position"] == "learned")
 
     generation = results["generation"]
     n_devices = 1 + torch.cuda.is_available()
