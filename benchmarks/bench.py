@@ -71,7 +71,8 @@ class Plan:
     compile_options: dict  # for torch.compile
 
 
-# Batch sizes are the issue's: the presets fix context, width and heads.
+# Batch sizes per preset (the presets fix context, width and heads): the sizes the project's
+# targets were set at.
 _BATCH = {"seed": 32, "shakespeare-cpu": 12, "baby": 8}
 
 
@@ -112,7 +113,7 @@ QUICK = Plan(
 
 
 def targets() -> list[dict]:
-    """The issue's targets, each a ratio of two medians measured in the same run (fp32, fwd+bwd)."""
+    """The project's targets, each a paired ratio measured in the same run (fp32, fwd+bwd)."""
     return [
         {"impl": "hand", "against": "mha", "limit": 1.0,
          "text": "hand-written no slower than nn.MultiheadAttention"},
@@ -149,17 +150,7 @@ def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak, compi
                                                 dtype=dtype, compile_options=compile_options)
     x = _input(shape.batch, shape.context, shape.d_model, device=device, dtype=dtype)
     agreement = check_attention_agreement(implementations, x, dtype=dtype)
-    mask = causal_mask(shape.context, device=device).to(dtype)
-    x.requires_grad_(True)
-    grad_out = torch.randn_like(x)
-
-    def forward(run):
-        with torch.inference_mode():
-            run(x, mask)
-
-    def forward_backward(run):
-        run(x, mask).backward(grad_out)
-
+    forward, forward_backward = _passes(x, causal_mask(shape.context, device=device).to(dtype))
     rows = []
     for pass_name, step, backward in (("forward", forward, False),
                                       ("forward+backward", forward_backward, True)):
@@ -175,6 +166,22 @@ def bench_attention(shape: Shape, device, dtype, *, threads, budget, peak, compi
         } for name, timing in timings.items()]
     _add_ratios(rows, keys=("name", "device", "dtype", "pass"))
     return rows
+
+
+def _passes(x: torch.Tensor, *args: torch.Tensor):
+    """The two timed passes of an attention `run(x, *args)`: forward under inference_mode, and
+    forward + backward of a fixed random gradient into x (which starts requiring grad here)."""
+    x.requires_grad_(True)
+    grad_out = torch.randn_like(x)
+
+    def forward(run):
+        with torch.inference_mode():
+            run(x, *args)
+
+    def forward_backward(run):
+        run(x, *args).backward(grad_out)
+
+    return forward, forward_backward
 
 
 def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
@@ -195,17 +202,7 @@ def bench_sweep(plan: Plan, device, dtype, *, threads) -> list[dict]:
         x = _input(1, context, d_model, device=device, dtype=dtype)
         agreement = check_attention_agreement(running, x, dtype=dtype,
                                               backward=context < plan.sweep_single_from)
-        mask = causal_mask(context, device=device).to(dtype)
-        x.requires_grad_(True)
-        grad_out = torch.randn_like(x)
-
-        def forward(run):
-            with torch.inference_mode():
-                run(x, mask)
-
-        def forward_backward(run):
-            run(x, mask).backward(grad_out)
-
+        forward, forward_backward = _passes(x, causal_mask(context, device=device).to(dtype))
         passes = {}
         for pass_name, step in (("forward", forward), ("forward+backward", forward_backward)):
             steps = {name: partial(step, run) for name, run in running.items()}
@@ -359,16 +356,7 @@ def bench_variants(shape: Shape, device, dtype, *, threads, budget) -> list[dict
         for name, out in outputs.items():
             torch.testing.assert_close(out, outputs[REFERENCE], **tolerances(dtype),
                                        msg=lambda m, name=name: f"{variant} {name}: {m}")
-        x.requires_grad_(True)
-        grad_out = torch.randn_like(x)
-
-        def forward(run):
-            with torch.inference_mode():
-                run(x)
-
-        def forward_backward(run):
-            run(x).backward(grad_out)
-
+        forward, forward_backward = _passes(x)
         for pass_name, step in (("forward", forward), ("forward+backward", forward_backward)):
             chosen = {name: partial(step, run) for name, run in runs.items()
                       if not (name == "flex" and pass_name != "forward" and device.type == "cpu")}

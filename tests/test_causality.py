@@ -41,10 +41,9 @@ def perturbation_leak(model, idx: torch.Tensor, position: int, seed: int) -> flo
     return (before - after).abs().nan_to_num(math.inf).max().item()
 
 
-def gradient_leak(model, idx: torch.Tensor) -> tuple[float, float]:
-    """Gradients of the logits at each position t wrt the input embeddings (token + position,
-    made a leaf by a hook) at every position: (largest |grad| after t, smallest total |grad| at or
-    before t). The first must be exactly 0; the second > 0 shows the hook saw the real input."""
+def logits_and_embedding_leaf(model, idx: torch.Tensor, **kwargs):
+    """Logits `(b t v)` and the token embedding `(b t (h d))` they were computed from, made a
+    leaf tensor by a forward hook so gradients can be taken with respect to it."""
     leaves = []
 
     def make_leaf(module, args, output):
@@ -54,10 +53,18 @@ def gradient_leak(model, idx: torch.Tensor) -> tuple[float, float]:
 
     handle = model.embedding.register_forward_hook(make_leaf)
     try:
-        logits = model(idx)  # b t v
+        logits = model(idx, **kwargs)
     finally:
         handle.remove()
     (embedding,) = leaves
+    return logits, embedding
+
+
+def gradient_leak(model, idx: torch.Tensor) -> tuple[float, float]:
+    """Gradients of the logits at each position t wrt the input embeddings (token + position,
+    made a leaf by a hook) at every position: (largest |grad| after t, smallest total |grad| at or
+    before t). The first must be exactly 0; the second > 0 shows the hook saw the real input."""
+    logits, embedding = logits_and_embedding_leaf(model, idx)
     t = idx.shape[1]
     future, past = 0.0, math.inf
     for position in range(t):
@@ -201,19 +208,7 @@ def variant_model(case):
 def dependence(model, idx, **kwargs) -> torch.Tensor:
     """`(b i j)`: sum over features of |d logits[b, i] / d token embedding[b, j]| (made a leaf by
     a hook, so learned positions, added after it, are part of the model)."""
-    leaves = []
-
-    def make_leaf(module, args, output):
-        leaf = output.detach().requires_grad_()
-        leaves.append(leaf)
-        return leaf
-
-    handle = model.embedding.register_forward_hook(make_leaf)
-    try:
-        logits = model(idx, **kwargs)  # b t v
-    finally:
-        handle.remove()
-    (embedding,) = leaves
+    logits, embedding = logits_and_embedding_leaf(model, idx, **kwargs)
     rows = []
     for position in range(idx.shape[1]):
         (grad,) = torch.autograd.grad(logits[:, position].sum(), embedding, retain_graph=True)

@@ -31,7 +31,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, is_int_at_least
 from tinygpt.files import DiskFullError, fsync_dir, is_disk_full, make_temp_dir, write_file
 from tinygpt.model import TinyDecoderModel
 from tinygpt.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
@@ -158,7 +158,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
     Each old checkpoint is renamed away before it is deleted, so no half-deleted `ckpt-*`
     directory is ever visible to a reader.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    if not is_int_at_least(keep, 1):
         raise ValueError(f"keep must be a positive integer, got {keep!r}.")
     run_dir = Path(run_dir)
     for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -270,7 +270,7 @@ def _build(path: Path, files: dict[str, bytes], device: str | torch.device) -> C
         ) from None
     meta = _parse_json(path / "meta.json", files["meta.json"])
     step = meta.get("step") if isinstance(meta, dict) else None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_int_at_least(step, 0):
         raise CheckpointError(f"{path / 'meta.json'} must record the step as an integer >= 0, got "
                               f"{step!r}.")
     model.to(device).eval()

@@ -123,9 +123,15 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+def is_int_at_least(value: Any, low: int) -> bool:
+    """True for an int >= `low`; a bool is not an int here (Python's `True` would pass as 1).
+    Every count and size check of the package asks this, each with its own sentence."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def check_positive_int(name: str, value: Any) -> None:
-    """Raise a one-sentence ValueError unless `value` is an int >= 1 (a bool is not an int here)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Raise a one-sentence ValueError unless `value` is an int >= 1."""
+    if not is_int_at_least(value, 1):
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 

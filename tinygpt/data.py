@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tinygpt.config import is_int_at_least
 from tinygpt.files import write_atomic
 from tinygpt.tokenizer import Tokenizer
 
@@ -179,7 +180,7 @@ def text_chunks(path: str | os.PathLike, chunk_chars: int = ENCODE_CHUNK_CHARS) 
     ids as encoding the whole text. A stretch longer than `chunk_chars` with no such point is kept
     in one piece. Empty and non-UTF-8 files are refused as by `read_text`.
     """
-    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1:
+    if not is_int_at_least(chunk_chars, 1):
         raise ValueError(f"chunk_chars must be an integer >= 1, got {chunk_chars!r}.")
     path = Path(path)
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -452,11 +453,19 @@ class TokenData:
               generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """`x (b t)` at random offsets from `generator` and `y (b t)`, the same windows shifted by
         one. Every window that fits is drawn with the same chance, the last one included."""
-        tokens = self.train if split == "train" else self.val
-        offsets = torch.randint(len(tokens) - max_seq, (batch_size,), generator=generator)
-        windows = np.stack([tokens[o:o + max_seq + 1] for o in offsets.tolist()]).astype(np.int64)
-        windows = torch.from_numpy(windows)
+        windows = random_windows(self.train if split == "train" else self.val, batch_size,
+                                 max_seq, generator)
         return windows[:, :-1], windows[:, 1:]
+
+
+def random_windows(tokens: np.ndarray | Sequence[int], batch_size: int, max_seq: int,
+                   generator: torch.Generator) -> Tensor:
+    """`(b t+1)` int64 windows of `tokens` (an array, a memory map or a sequence) at offsets drawn
+    from `generator`: every window that fits equally likely, the last one included. Only the
+    windows are read, so a memory-mapped corpus never comes into memory whole."""
+    offsets = torch.randint(len(tokens) - max_seq, (batch_size,), generator=generator)
+    rows = [np.asarray(tokens[o:o + max_seq + 1], dtype=np.int64) for o in offsets.tolist()]
+    return torch.from_numpy(np.stack(rows))
 
 
 def separator_document_ids(x: Tensor, separator: int) -> Tensor:

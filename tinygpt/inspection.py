@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tinygpt.attention import HookPoint
+from tinygpt.config import is_int_at_least
 from tinygpt.induction import induction_pattern_scores, repeated_tokens
 from tinygpt.model import TinyDecoderModel, check_token_ids, next_token_loss
 
@@ -108,7 +109,7 @@ def zero_heads(*heads: int) -> HookFn:
     read as counting from the end.
     """
     for head in heads:
-        if isinstance(head, bool) or not isinstance(head, int) or head < 0:
+        if not is_int_at_least(head, 0):
             raise ValueError(f"a head index must be an integer >= 0, got {head!r}.")
 
     def zero(x: Tensor) -> Tensor:
@@ -226,7 +227,7 @@ def eval_windows(ids: Sequence[int] | np.ndarray | Tensor, max_seq: int,
     """Up to `n_windows` non-overlapping windows of a token stream, as inputs and next-token
     targets `(b t)` with t = max_seq, taken evenly from the whole stream so the result is
     deterministic. Only the windows are read, so a memory-mapped stream is never copied whole."""
-    if isinstance(n_windows, bool) or not isinstance(n_windows, int) or n_windows < 1:
+    if not is_int_at_least(n_windows, 1):
         raise ValueError(f"the number of windows must be an integer >= 1, got {n_windows!r}.")
     available = (len(ids) - 1) // max_seq
     if available < 1:

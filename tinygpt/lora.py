@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tinygpt.config import is_int_at_least
+from tinygpt.data import random_windows
 from tinygpt.files import (
     DiskFullError,
     exclusive_lock,
@@ -42,7 +44,7 @@ class LoraSettings:
     targets: tuple[str, ...] = ("in_proj", "out_proj")
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not is_int_at_least(self.rank, 1):
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
         if not self.targets:
             raise ValueError(f"choose at least one LoRA target from {', '.join(LORA_TARGETS)}.")
@@ -89,9 +91,7 @@ def finetune(peft_model: nn.Module, ids: Sequence[int] | np.ndarray | Tensor, *,
     peft_model.train()
     losses = []
     for step in range(1, steps + 1):
-        starts = torch.randint(0, len(ids) - max_seq, (batch_size,), generator=generator)
-        rows = torch.stack([torch.as_tensor(np.asarray(ids[s:s + max_seq + 1]), dtype=torch.long)
-                            for s in starts.tolist()]).to(device)  # b (t+1)
+        rows = random_windows(ids, batch_size, max_seq, generator).to(device)  # b (t+1)
         loss = next_token_loss(peft_model(rows[:, :-1]), rows[:, 1:])
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
@@ -110,7 +110,7 @@ def finetune(peft_model: nn.Module, ids: Sequence[int] | np.ndarray | Tensor, *,
 
 def _check_settings(steps: int, batch_size: int, lr: float) -> None:
     for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int_at_least(value, low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
             math.isfinite(lr) and lr > 0):

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tinygpt.checkpoint import CheckpointError
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, is_int_at_least
 from tinygpt.data import TokenData, separator_document_ids
 from tinygpt.devices import pick_device
 from tinygpt.model import TinyDecoderModel, gpt2_init, next_token_loss
@@ -96,7 +96,7 @@ class TrainConfig:
 
 
 def _check_int(name: str, value: Any, *, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+    if not is_int_at_least(value, low) or (
             high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")

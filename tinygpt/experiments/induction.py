@@ -28,7 +28,7 @@ from tinygpt.circuits import (
     previous_token_scores,
     token_losses,
 )
-from tinygpt.config import ModelConfig
+from tinygpt.config import ModelConfig, is_int_at_least
 from tinygpt.induction import repeated_tokens
 from tinygpt.inspection import eval_windows
 from tinygpt.model import TinyDecoderModel, next_token_loss
@@ -54,7 +54,7 @@ class InductionSettings:
         for name in ("steps", "batch_size", "eval_every", "d_model", "n_heads", "max_seq",
                      "eval_windows"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value, 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not 0.0 <= self.repeat_fraction <= 1.0:
             raise ValueError(f"repeat_fraction must be in [0, 1], got {self.repeat_fraction!r}.")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tinygpt.config import is_int_at_least
 from tinygpt.generate.cache import Backend
 from tinygpt.generate.decoder import Decoder, Prompts, start_decoding
 from tinygpt.generate.sampling import NAN_LOGITS
@@ -25,7 +26,7 @@ class Beam:
 
 def _check_beam(model: TinyDecoderModel, beam_width: int, length_penalty: float,
                 eos_id: int | None) -> None:
-    if isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1:
+    if not is_int_at_least(beam_width, 1):
         raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}.")
     if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}.")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tinygpt.config import is_int_at_least
 from tinygpt.generate.cache import Backend, DecodingCache, choose_cache
 from tinygpt.generate.sampling import Sampling, resolve_sampling
 from tinygpt.generate.text import TextTail, check_stop
@@ -141,9 +142,7 @@ def as_prompts(idx: Prompts, model: TinyDecoderModel) -> list[Tensor]:
 
 
 def check_count(max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
-        max_new_tokens < 0
-    ):
+    if not is_int_at_least(max_new_tokens, 0):
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
 
 

@@ -15,6 +15,8 @@ from functools import partial, reduce
 import torch
 from torch import Tensor
 
+from tinygpt.config import is_int_at_least
+
 LogitsFilter = Callable[[Tensor], Tensor]
 NAN_LOGITS = ("the model's logits are NaN, so no next token can be chosen; its weights are "
               "probably broken (a training run that diverged).")
@@ -56,7 +58,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     """Raise a ValueError naming the first bad sampling argument."""
     if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and not is_int_at_least(top_k, 1):
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
