@@ -6,14 +6,13 @@ import re
 import matplotlib.image
 import pytest
 import torch
+from runs import save_untrained_run
 
-from tinygpt import ModelConfig, TinyDecoderModel
-from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.checkpoint import load_checkpoint
 from tinygpt.circuits import direct_logit_attribution, patch
 from tinygpt.cli import main
 from tinygpt.experiments.induction import InductionSettings, jump_step, run_induction
 from tinygpt.pictures import display_token
-from tinygpt.tokenizer import CharTokenizer
 
 TEXT = 40 * "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:\nAy me!\n\n"
 
@@ -21,12 +20,8 @@ TEXT = 40 * "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("circuits-cli")
-    tokenizer = CharTokenizer.from_text(TEXT)
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=4, n_layers=2,
-                         max_seq=32, norm_first=True, attn_only=True)
-    save_checkpoint(root / "base", model=TinyDecoderModel(config), tokenizer=tokenizer, step=3)
-    return root / "base"
+    return save_untrained_run(root / "base", TEXT, 3, d_model=32, n_heads=4, n_layers=2,
+                              max_seq=32, norm_first=True, attn_only=True)
 
 
 def test_patch_draws_the_heatmap_of_the_librarys_numbers(run, tmp_path, capsys):

