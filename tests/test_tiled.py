@@ -668,3 +668,28 @@ def test_bad_calls_are_one_sentence_errors():
         tiled_attention(q, q, q, dropout_p=1.0)
     with pytest.raises(ValueError, match="run past"):
         tiled_attention(q, q, q, TileMask(query_offset=1, document_ids=torch.zeros(1, 4)))
+
+
+def test_asking_a_tiled_model_for_its_pattern_says_why_and_the_dense_twin_answers(
+        tmp_path, capsys):
+    """The tiled core never forms the pattern: asking for it names the reason, and `heads` /
+    `inspect` read the dense twin (same weights, same logits) instead, with a note."""
+    from tinygpt.checkpoint import save_checkpoint
+    from tinygpt.inspection import dense_twin
+    from tinygpt.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    model = TinyDecoderModel(ModelConfig(vocab_size=12, attention_impl="tiled")).eval()
+    idx = torch.randint(12, (1, 9))
+    with pytest.raises(ValueError, match="tiled attention never forms the scores or the pattern"):
+        run_with_cache(model, idx, ["blocks.0.attention.hook_pattern"])
+    twin = dense_twin(model)
+    assert twin.config.attention_impl == "dense" and model.config.attention_impl == "tiled"
+    logits, cache = run_with_cache(twin, idx, ["blocks.1.attention.hook_pattern"])
+    torch.testing.assert_close(logits, model(idx), rtol=1e-5, atol=1e-5)
+    assert cache["blocks.1.attention.hook_pattern"].shape == (1, 4, 9, 9)
+    tokenizer = CharTokenizer.from_text("abcdefghijk")
+    save_checkpoint(tmp_path / "run", model=model, tokenizer=tokenizer, step=1)
+    assert cli_main(["inspect", "--checkpoint", str(tmp_path / "run"), "--prompt", "abcab",
+                     "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0
+    assert "dense twin" in capsys.readouterr().err and (tmp_path / "grid.png").stat().st_size

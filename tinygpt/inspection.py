@@ -7,6 +7,7 @@ one call and always removed afterwards, so a model with no call in flight is unt
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,10 +37,33 @@ def hook_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, HookPoint)]
 
 
+_PATTERN_HOOKS = ("hook_scores", "hook_masked_scores", "hook_pattern")
+
+
+def _is_tiled(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "attention_impl", "dense") == "tiled"
+
+
+def dense_twin(model: TinyDecoderModel) -> TinyDecoderModel:
+    """The same weights with the dense attention, whose every hook point fires: the tiled core
+    computes the same function but never forms the pattern, so this is what inspection reads."""
+    if not _is_tiled(model):
+        return model
+    twin = TinyDecoderModel(dataclasses.replace(model.config, attention_impl="dense"))
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin.to(next(model.parameters()).device).train(model.training)
+
+
 def _hook_points(model: nn.Module, names: Iterable[str]) -> dict[str, HookPoint]:
     points = {name: m for name, m in model.named_modules() if isinstance(m, HookPoint)}
     chosen = {}
     for name in names:
+        if name not in points and name.endswith(_PATTERN_HOOKS) and _is_tiled(model):
+            raise ValueError(
+                f"{name!r} does not exist: the tiled attention never forms the scores or the "
+                f"pattern; build the same weights with attention_impl='dense' to inspect them."
+            )
         if name not in points:
             raise ValueError(
                 f"unknown hook name {name!r}; names look like {next(iter(points), '?')!r} "

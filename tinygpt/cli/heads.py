@@ -32,6 +32,7 @@ def handle(args: argparse.Namespace) -> None:
 
     corpus = options.corpus_file(args)
     _, ckpt = options.load_selected_checkpoint(args)
+    options.use_dense_twin(ckpt)
     tokens = cached_tokens(corpus, ckpt.tokenizer, args.data_dir)  # memory-mapped, not read whole
     options.note_repaired(tokens)
     held_out = held_out_tokens(tokens.tokens, args.val_fraction,

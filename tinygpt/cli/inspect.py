@@ -27,6 +27,7 @@ def handle(args: argparse.Namespace) -> None:
     if not args.prompt:
         raise ValueError("the prompt is empty.")
     run, ckpt = options.load_selected_checkpoint(args)
+    options.use_dense_twin(ckpt)
     ids = ckpt.tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens.")

@@ -93,6 +93,18 @@ def load_selected_checkpoint(args: argparse.Namespace):
     return path, checkpoint
 
 
+def use_dense_twin(checkpoint) -> None:
+    """For the commands that read attention patterns: a tiled checkpoint's model is swapped for
+    its dense twin (same weights, same function), with a note, since the tiled core never forms
+    the pattern."""
+    from tinygpt.inspection import dense_twin
+
+    if checkpoint.config.attention_impl == "tiled":
+        note("the checkpoint's attention is tiled, which never forms a pattern; its dense twin "
+             "(the same weights and function) is inspected instead.")
+        checkpoint.model = dense_twin(checkpoint.model)
+
+
 def _checkpoint_config(path: Path):
     """The ModelConfig of the checkpoint `path` selects, or None when it cannot be read (loading
     the checkpoint then says why, in its own words)."""
