@@ -198,3 +198,20 @@ def test_agreement_check_catches_a_leaky_implementation():
     del implementations["leaky"]
     assert check_attention_agreement(implementations, torch.randn(2, 6, 8),
                                      dtype=torch.float32)["hand"] < 1e-5
+
+
+def test_rolling_cost_rows_are_one_per_window_and_a_ratio_for_each_policy():
+    """The shape of the rows only: timings are not asserted on a shared machine."""
+    from benchmarks.generation import _format, rolling_cost
+
+    with torch.inference_mode():
+        rows = rolling_cost(quick=True)
+    assert [row["measure"] for row in rows] == [
+        "rolling ms/token, tokens 1-8", "rolling ms/token, tokens 9-16",
+        "rolling ms/token, tokens 17-24", "rolling cost, last / first window",
+        "exact ms/token, tokens 1-8", "exact ms/token, tokens 9-16",
+        "exact ms/token, tokens 17-24", "exact cost, last / first window"]
+    assert [row["model"] for row in rows] == ["small alibi (random)"] * 4 + [
+        "small learned (random)"] * 4
+    assert all(row["value"] > 0 and math.isfinite(row["value"]) for row in rows)
+    assert all(_format(row) for row in rows)
