@@ -8,6 +8,11 @@ alibi, rope, none). Evaluation windows are the same for every model: fixed offse
 validation split, each `L + 1` tokens long, the loss averaged over all L positions and, separately,
 over the last 64 (the positions furthest beyond the training context). A learned table has no row
 past the training context, so that model is measured at the training context only.
+
+The run also draws validation loss against evaluation length, one line per position kind, to
+`--plot` (default `OUT/extrapolation.png`). `--plot-documented PATH` draws the same plot, without
+training, from the run whose table docs/variants.md gives (`DOCUMENTED`): that is how
+docs/extrapolation.png is made.
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ from tinygpt.train import TrainConfig, train
 POSITIONS = ("learned", "alibi", "rope", "none")
 EVAL_LENGTHS = (64, 128, 256, 512)
 TAIL = 64
+
+# The run in docs/variants.md (600 steps, 48 windows, seed 1337): loss over all positions.
+DOCUMENTED = {"train_context": 64, "steps": 600, "rows": [
+    {"position": position, "length": length, "loss": loss}
+    for position, losses in (("learned", (2.191,)), ("alibi", (2.127, 2.112, 2.094, 2.117)),
+                             ("rope", (2.024, 2.106, 2.385, 2.756)),
+                             ("none", (2.378, 2.405, 2.457, 2.553)))
+    for length, loss in zip(EVAL_LENGTHS, losses)]}
 
 
 @torch.no_grad()
@@ -77,19 +90,62 @@ def run(corpus: Path, out: Path, steps: int, n_windows: int, log=print) -> dict:
     return results
 
 
+def loss_curves(results: dict) -> dict[str, tuple[list[int], list[float]]]:
+    """`{position: (lengths, losses)}` from a results dict's rows, lengths ascending."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for row in sorted(results["rows"], key=lambda row: row["length"]):
+        lengths, losses = curves.setdefault(row["position"], ([], []))
+        lengths.append(row["length"])
+        losses.append(row["loss"])
+    return curves
+
+
+def plot_extrapolation(results: dict, path: Path) -> Path:
+    """Validation loss against evaluation length, one line per position kind, saved to `path`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for position, (lengths, losses) in loss_curves(results).items():
+        ax.plot(lengths, losses, marker="o", label=position)
+    ax.axvline(results["train_context"], color="grey", linestyle=":", linewidth=1)
+    ax.annotate("training context", (results["train_context"], ax.get_ylim()[1]), fontsize=8,
+                xytext=(4, -12), textcoords="offset points", color="grey")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(EVAL_LENGTHS, [str(n) for n in EVAL_LENGTHS])
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Length extrapolation, trained at {results['train_context']} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(title="position")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.extrapolation",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, required=True, help="a text file")
+    parser.add_argument("--corpus", type=Path, help="a text file (required unless "
+                        "--plot-documented)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--windows", type=int, default=64, help="evaluation windows per length")
     parser.add_argument("--out", type=Path, default=Path("runs/extrapolation"))
+    parser.add_argument("--plot", type=Path, help="the plot (default: OUT/extrapolation.png)")
+    parser.add_argument("--plot-documented", type=Path, metavar="PATH",
+                        help="only plot the run docs/variants.md gives, to PATH; no training")
     args = parser.parse_args(argv)
+    if args.plot_documented is not None:
+        print(f"wrote {plot_extrapolation(DOCUMENTED, args.plot_documented)}")
+        return 0
+    if args.corpus is None:
+        parser.error("--corpus is required to train.")
     results = run(args.corpus, args.out, args.steps, args.windows,
                   log=lambda line: print(line, file=sys.stderr, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "extrapolation.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results["rows"], indent=1))
+    print(f"wrote {plot_extrapolation(results, args.plot or args.out / 'extrapolation.png')}")
     return 0
 
 

@@ -9,12 +9,20 @@ Two measurements, each taken in one run so that ratios compare like with like:
    without the cache, and for the fast policy with the compiled decode step (`compile=True`):
    its one-off compile time, then its steady-state tokens/s (target: >= 1,200 tokens/s), and
    whether it drew the same tokens as the eager cached path from the same seed.
+3. The rolling cache: a `shakespeare-cpu`-sized model with ALiBi positions generates 3 x max_seq
+   tokens with the `rolling` policy, and the cost per token is reported for each window-length
+   segment (first window, second, third). Once the window is full the cache drops its oldest
+   position as it appends a new one, so the cost stays flat: one position per token, never a
+   re-prefill. Beside it, the `exact` policy with learned positions, which must re-run the whole
+   window for every token past max_seq.
 
 Speed does not depend on the values of the weights, only on the sizes, so without a checkpoint the
 models get random weights of the preset's size. `measure_generation()` returns the rows for the
 overall benchmark; run this file to print them:
 
-    .venv/bin/python benchmarks/generation.py [--checkpoint runs/NAME] [--threads 1]
+    .venv/bin/python benchmarks/generation.py [--checkpoint runs/NAME] [--threads 1] [--quick]
+
+`--quick` runs only the third measurement, on a small model: a smoke test of the code path.
 """
 
 from __future__ import annotations
@@ -52,11 +60,11 @@ def _timed_tokens(model, prompt, n, **options) -> tuple[float, torch.Tensor]:
     return seconds, out
 
 
-def _step_times(model, prompt, n) -> list[float]:
-    """Seconds spent on each new token (cached, exact policy)."""
+def _step_times(model, prompt, n, policy: str = "exact") -> list[float]:
+    """Seconds spent on each new token (cached)."""
     times, generator = [], torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    for _ in generate_steps(model, prompt, n, generator=generator):
+    for _ in generate_steps(model, prompt, n, generator=generator, policy=policy):
         now = time.perf_counter()
         times.append(now - start)
         start = now
@@ -84,6 +92,37 @@ def cache_speedup(model: TinyDecoderModel, n: int = 256, label: str = "baby") ->
                          f"{(k + 1) * quarter}", value=1e3 * median))
     rows.append(dict(model=label, measure="cached cost, last / first quarter",
                      value=medians[-1] / medians[0], target="about 1 (flat)"))
+    return rows
+
+
+def _window_medians(times: list[float], window: int, n_windows: int) -> list[float]:
+    """Median seconds per token in each window-length segment; the first step (the prefill of
+    the prompt) is left out of the first segment."""
+    segments = [times[k * window:(k + 1) * window] for k in range(n_windows)]
+    segments[0] = segments[0][1:]
+    return [statistics.median(segment) for segment in segments]
+
+
+def rolling_cost(quick: bool = False, n_windows: int = 3) -> list[dict]:
+    """ms/token in each window-length segment of 3 x max_seq tokens: the rolling policy with ALiBi
+    positions, and the exact policy with learned positions for contrast."""
+    small = dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_seq=8) if quick else {}
+    rows = []
+    for position, policy in (("alibi", "rolling"), ("learned", "exact")):
+        torch.manual_seed(0)
+        config = ModelConfig.preset("shakespeare-cpu", position=position, **small)
+        model, window = TinyDecoderModel(config).eval(), config.max_seq
+        label = f"{'small' if quick else 'shakespeare-cpu'} {position} (random)"
+        prompt = torch.zeros(1, 1, dtype=torch.long)
+        _step_times(model, prompt, 8, policy)  # warm-up
+        medians = _window_medians(_step_times(model, prompt, n_windows * window, policy),
+                                  window, n_windows)
+        for k, median in enumerate(medians):
+            rows.append(dict(model=label, measure=f"{policy} ms/token, tokens {k * window + 1}-"
+                             f"{(k + 1) * window}", value=1e3 * median))
+        rows.append(dict(model=label, measure=f"{policy} cost, last / first window",
+                         value=medians[-1] / medians[0],
+                         target="about 1 (flat)" if policy == "rolling" else "above 1"))
     return rows
 
 
@@ -142,6 +181,7 @@ def measure_generation(checkpoint: str | None = None, baby_checkpoint: str | Non
             model, prompt = _random_model("shakespeare-cpu"), torch.arange(6)[None]
             label = "shakespeare-cpu (random)"
         rows += policy_speeds(model, prompt, label=label)
+        rows += rolling_cost()
     for row in rows:
         row["threads"] = torch.get_num_threads()
     return rows
@@ -173,9 +213,16 @@ def main() -> None:
                         help="trained shakespeare-cpu run (default: random weights)")
     parser.add_argument("--baby-checkpoint", help="trained baby run (default: random weights)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the rolling-cache cost, on a small model (a smoke test)")
     args = parser.parse_args()
     keep_freed_memory()  # as the tinygpt command does
-    for row in measure_generation(args.checkpoint, args.baby_checkpoint, args.threads):
+    if args.quick:
+        with torch.inference_mode():
+            rows = rolling_cost(quick=True)
+    else:
+        rows = measure_generation(args.checkpoint, args.baby_checkpoint, args.threads)
+    for row in rows:
         print(_format(row))
 
 

@@ -198,3 +198,35 @@ def test_agreement_check_catches_a_leaky_implementation():
     del implementations["leaky"]
     assert check_attention_agreement(implementations, torch.randn(2, 6, 8),
                                      dtype=torch.float32)["hand"] < 1e-5
+
+
+def test_rolling_cost_rows_are_one_per_window_and_a_ratio_for_each_policy():
+    """The shape of the rows only: timings are not asserted on a shared machine."""
+    from benchmarks.generation import _format, rolling_cost
+
+    with torch.inference_mode():
+        rows = rolling_cost(quick=True)
+    assert [row["measure"] for row in rows] == [
+        "rolling ms/token, tokens 1-8", "rolling ms/token, tokens 9-16",
+        "rolling ms/token, tokens 17-24", "rolling cost, last / first window",
+        "exact ms/token, tokens 1-8", "exact ms/token, tokens 9-16",
+        "exact ms/token, tokens 17-24", "exact cost, last / first window"]
+    assert [row["model"] for row in rows] == ["small alibi (random)"] * 4 + [
+        "small learned (random)"] * 4
+    assert all(row["value"] > 0 and math.isfinite(row["value"]) for row in rows)
+    assert all(_format(row) for row in rows)
+
+
+def test_extrapolation_plot_has_one_line_per_position_in_length_order(tmp_path):
+    import matplotlib.image
+
+    from benchmarks.extrapolation import DOCUMENTED, loss_curves, plot_extrapolation
+
+    shuffled = {**DOCUMENTED, "rows": list(reversed(DOCUMENTED["rows"]))}
+    curves = loss_curves(shuffled)
+    assert list(curves) == ["none", "rope", "alibi", "learned"]
+    assert curves["learned"] == ([64], [2.191])
+    assert curves["alibi"] == ([64, 128, 256, 512], [2.127, 2.112, 2.094, 2.117])
+    assert curves["rope"][1] == [2.024, 2.106, 2.385, 2.756]
+    image = matplotlib.image.imread(plot_extrapolation(shuffled, tmp_path / "x" / "e.png"))
+    assert image.shape[:2] == (418, 660) and image[..., :3].std() > 0.05

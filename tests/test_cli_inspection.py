@@ -165,3 +165,22 @@ def test_finetune_reads_windows_from_the_memory_mapped_cache_and_says_when_all_i
                  str(tmp_path / "cache")]) == 0
     assert capsys.readouterr().err.startswith("tinygpt: note: every token of the corpus is <unk>")
     assert list((tmp_path / "cache" / "tokens").glob("foreign-*/tokens.bin"))
+
+
+def test_inspect_marks_what_a_window_models_mask_blocks(tmp_path, capsys):
+    """A window of 3 with ALiBi: the page's blocked cells are the keys 3 or more behind their
+    query, and the subtitle names the window and the slopes."""
+    import json
+
+    run_dir = tmp_path / "runs" / "window"
+    save_untrained_run(run_dir, TEXT, 7, norm_first=True, window=3, position="alibi")
+    page = tmp_path / "w.html"
+    assert main(["inspect", "--checkpoint", str(run_dir), "--prompt", "ROMEO: But",
+                 "--html", str(page), "--device", "cpu"]) == 0
+    html = page.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script id="attention-data" type="application/json">(.*?)'
+                                r"</script>", html, re.S).group(1))
+    rows = data["blocked"][0][0]
+    assert rows == [[int(i - j >= 3) for j in range(i + 1)] for i in range(10)]
+    assert data["note"].startswith("sliding window W = 3; ALiBi bias")
+    capsys.readouterr()

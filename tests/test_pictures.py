@@ -120,7 +120,7 @@ def test_pictures_leave_matplotlib_global_state_alone(tmp_path, users_matplotlib
 
     importlib.reload(benchmarks.report)  # its import-time effects count too
     patterns = torch.ones(1, 2, 4, 4).tril() / torch.arange(1, 5).view(4, 1)
-    plot_attention_grid(patterns, list("abcd"), tmp_path / "grid.png")
+    plot_attention_grid(patterns, list("abcd"), tmp_path / "grid.png", blocked=patterns == 0)
     plot_loss_curve([{"step": 1, "train_loss": 2.0, "val_loss": 2.1}], tmp_path / "loss.png")
     benchmarks.report.plot_results(_bench_results(), tmp_path / "bench.png")
     assert matplotlib.get_backend() == "svg"
@@ -138,3 +138,55 @@ def test_the_html_page_refuses_non_finite_weights_instead_of_writing_bad_json(tm
     with pytest.raises(ValueError, match=r"^the attention weights hold NaN or infinite values"):
         save_attention_html(patterns, ["a", "b", "c"], tmp_path / "page.html")
     assert not (tmp_path / "page.html").exists()
+
+
+def _window_model_prompt_and_patterns(window=3, t=9):
+    """A window model's weights with one *allowed* cell set to exactly 0.0 per head: a weight the
+    model could give by itself, which must still not be drawn as blocked."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=40, d_model=16, n_heads=2, n_layers=2, d_ff=32, max_seq=16,
+                         window=window, position="alibi")
+    model = TinyDecoderModel(config).eval()
+    idx = torch.randint(0, 40, (1, t), generator=torch.Generator().manual_seed(3))
+    patterns = attention_patterns(model, idx)
+    patterns[:, :, t - 1, t - 2] = 0.0  # allowed (inside the window), but weighs nothing
+    offset = torch.arange(t).view(t, 1) - torch.arange(t).view(1, t)  # i j
+    expected = ((offset < 0) | (offset >= window)).expand(2, 2, t, t)  # the window, by hand
+    return model, idx, patterns, expected
+
+
+def test_blocked_cells_are_the_mask_the_model_used_not_the_near_zero_weights(tmp_path):
+    from tinygpt.pictures import blocked_cells, mask_note, shown_weights
+
+    model, idx, patterns, expected = _window_model_prompt_and_patterns()
+    blocked = blocked_cells(model, idx)
+    assert torch.equal(blocked, expected)
+    drawn = shown_weights(patterns, blocked)  # what the PNG draws: masked cells in hatched grey
+    assert torch.equal(torch.from_numpy(drawn.mask), expected)
+    note = mask_note(model)
+    assert note.startswith("sliding window W = 3; ALiBi") and "0.0625" in note
+    assert mask_note(TinyDecoderModel(ModelConfig.preset("seed"))) is None
+    path = plot_attention_grid(patterns, list("abcdefghi"), tmp_path / "w.png", "w", blocked, note)
+    assert matplotlib.image.imread(path)[..., :3].std() > 0.05
+
+
+def test_html_marks_exactly_the_blocked_cells_with_a_tooltip(tmp_path):
+    from tinygpt.pictures import blocked_cells, mask_note, save_attention_html
+
+    model, idx, patterns, expected = _window_model_prompt_and_patterns()
+    path = save_attention_html(patterns, list("abcdefghi"), tmp_path / "w.html",
+                               blocked=blocked_cells(model, idx), note=mask_note(model))
+    page = path.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script id="attention-data" type="application/json">(.*?)'
+                                r"</script>", page, re.S).group(1))
+    t = idx.shape[1]
+    for layer in range(2):
+        for head in range(2):
+            for i in range(t):  # the page keeps the lower triangle, keys 0..i
+                row = data["blocked"][layer][head][i]
+                assert row == expected[layer, head, i, :i + 1].int().tolist()
+    assert data["note"] == mask_note(model)
+    assert "blocked by the mask" in page
+    with pytest.raises(ValueError, match="blocked must be a bool tensor of the patterns' shape"):
+        save_attention_html(patterns, list("abcdefghi"), tmp_path / "x.html",
+                            blocked=expected[0].float())

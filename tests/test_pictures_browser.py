@@ -53,7 +53,7 @@ def browser():
 def _weights(page, panel):
     cells = page.locator(f"#panel-{panel} .tok")
     texts = [cells.nth(j).locator(".w").inner_text() for j in range(cells.count())]
-    return [float(text) for text in texts if text]
+    return [float(text) for text in texts if text and text != "×"]
 
 
 def test_explorer_shows_the_models_weights_for_a_hovered_token(browser, tmp_path):
@@ -102,3 +102,30 @@ def test_explorer_shows_the_models_weights_for_a_hovered_token(browser, tmp_path
     assert errors == []
     assert requests == [path.as_uri()]  # nothing fetched beyond the file itself
     page.close()
+
+
+def test_explorer_marks_the_cells_a_sliding_window_blocks(browser, tmp_path):
+    """A window of 3: hovering query 7 shows keys 0..4 as blocked (class and tooltip), 5..7 with
+    their weights (key 6's set to exactly 0.0, which is allowed, not blocked), no script error."""
+    from tinygpt.pictures import blocked_cells, mask_note
+
+    torch.manual_seed(0)
+    model = TinyDecoderModel(ModelConfig.preset("seed", window=3)).eval()
+    idx = torch.randint(0, 40, (1, 10), generator=torch.Generator().manual_seed(5))
+    patterns = attention_patterns(model, idx)
+    patterns[:, :, 7, 6] = 0.0
+    path = save_attention_html(patterns, list("ROMEO: O s"),
+                               tmp_path / "w.html", blocked=blocked_cells(model, idx),
+                               note=mask_note(model))
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.as_uri())
+    page.hover("#panel-a .tok[data-i='7']")
+    cells = page.locator("#panel-a .tok")
+    blocked = [j for j in range(10) if "blocked" in cells.nth(j).get_attribute("class").split()]
+    assert blocked == [0, 1, 2, 3, 4]
+    assert {cells.nth(j).get_attribute("title") for j in blocked} == {"blocked by the mask"}
+    assert len(_weights(page, "a")) == 3 and _weights(page, "a")[1] == 0.0  # the window's keys
+    assert page.locator("#note").inner_text() == "sliding window W = 3"
+    assert errors == []

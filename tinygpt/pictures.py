@@ -2,7 +2,10 @@
 training run's loss curve.
 
 The attention pictures take the weights of one prompt as a tensor `(l h i j)` (layers, heads,
-query, key; see `attention_patterns`) and the prompt's tokens as display strings.
+query, key; see `attention_patterns`) and the prompt's tokens as display strings. Optionally they
+take which cells the mask blocked, `(l h i j)` bool (see `blocked_cells`), and draw those apart
+from cells whose weight is merely near zero: a weight of 0.0 may be the model's choice or the
+mask's, and only the mask the model used can tell them apart.
 
 Figures are drawn through matplotlib's object API (a `Figure` saved to a file), never through
 `pyplot`: a library function must not switch the caller's backend (in a notebook, say) or leave
@@ -12,6 +15,7 @@ figures in pyplot's global list.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,19 +49,66 @@ def attention_patterns(model: TinyDecoderModel, idx: Tensor) -> Tensor:
     return torch.stack([cache[name][0] for name in names]).float().cpu()
 
 
-def _check(patterns: Tensor, tokens: list[str]) -> None:
+@torch.no_grad()
+def blocked_cells(model: TinyDecoderModel, idx: Tensor) -> Tensor:
+    """Which cells the mask blocked, `(l h i j)` bool, for one prompt idx `(1 t)`.
+
+    Read from the scores after the mask (`hook_masked_scores`): a cell is blocked where the
+    model added -inf, so the answer is the mask the model actually used (causal, window, ALiBi's
+    bias on top), not a guess from near-zero weights.
+    """
+    if idx.ndim != 2 or idx.shape[0] != 1:
+        raise ValueError(f"expected one prompt of shape (1, t), got {tuple(idx.shape)}.")
+    names = [f"blocks.{n}.attention.hook_masked_scores" for n in range(model.config.n_layers)]
+    _, cache = run_with_cache(model, idx, names)
+    return torch.stack([cache[name][0] == float("-inf") for name in names]).cpu()
+
+
+def mask_note(model: TinyDecoderModel) -> str | None:
+    """A subtitle naming the model's sliding window and ALiBi slopes, or None if it has neither."""
+    parts = []
+    if model.config.window is not None:
+        parts.append(f"sliding window W = {model.config.window}")
+    if model.config.position == "alibi":
+        slopes = ", ".join(f"{s:.3g}" for s in model.alibi_slopes.tolist())
+        parts.append(f"ALiBi bias -slope x distance, slopes per head: {slopes}")
+    return "; ".join(parts) or None
+
+
+def _check(patterns: Tensor, tokens: list[str], blocked: Tensor | None = None) -> None:
     if patterns.ndim != 4 or patterns.shape[-1] != patterns.shape[-2]:
         raise ValueError(f"patterns must have shape (l, h, t, t), got {tuple(patterns.shape)}.")
     if len(tokens) != patterns.shape[-1]:
         raise ValueError(f"got {len(tokens)} tokens for {patterns.shape[-1]} attention positions.")
+    if blocked is not None and (blocked.dtype != torch.bool or blocked.shape != patterns.shape):
+        raise ValueError(f"blocked must be a bool tensor of the patterns' shape "
+                         f"{tuple(patterns.shape)}, got {blocked.dtype} {tuple(blocked.shape)}.")
+
+
+def shown_weights(patterns: Tensor, blocked: Tensor | None = None):
+    """The weights `(l h i j)` as a numpy masked array whose masked cells are the blocked ones
+    (none without `blocked`): what `plot_attention_grid` draws, blocked cells in hatched grey."""
+    import numpy as np
+
+    weights = patterns.numpy()
+    hidden = np.zeros(weights.shape, dtype=bool) if blocked is None else blocked.numpy()
+    return np.ma.masked_array(weights, mask=hidden)
 
 
 def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
-                        title: str | None = None) -> Path:
-    """Save a layers-by-heads grid of heatmaps (query down, key across) to `path` (PNG, SVG...)."""
+                        title: str | None = None, blocked: Tensor | None = None,
+                        note: str | None = None) -> Path:
+    """Save a layers-by-heads grid of heatmaps (query down, key across) to `path` (PNG, SVG...).
+
+    Cells in `blocked (l h i j)` are drawn hatched grey, apart from the colour scale of the
+    weights; `note` (e.g. `mask_note(model)`) is printed under the title.
+    """
+    import matplotlib
     from matplotlib.figure import Figure
 
-    _check(patterns, tokens)
+    _check(patterns, tokens, blocked)
+    weights = shown_weights(patterns, blocked)
+    colours = matplotlib.colormaps["viridis"].with_extremes(bad="#c8c8c8")
     n_layers, n_heads, t, _ = patterns.shape
     labels = [display_token(tok) for tok in tokens]
     # About 0.11 inch per token keeps labels readable; past 64 tokens, label every k-th only, so
@@ -73,7 +124,9 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     for layer in range(n_layers):
         for head in range(n_heads):
             ax = axes[layer][head]
-            image = ax.imshow(patterns[layer, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            image = ax.imshow(weights[layer, head], cmap=colours, vmin=0.0, vmax=1.0)
+            if blocked is not None:
+                _hatch(ax, blocked[layer, head])
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
             bottom, left = layer == n_layers - 1, head == 0
             ax.set_xticks(ticks, [labels[i] for i in ticks] if bottom or not outer_only else [],
@@ -81,12 +134,33 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
             ax.set_yticks(ticks, [labels[i] for i in ticks] if left or not outer_only else [],
                           fontsize=6)
             ax.tick_params(length=0)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (hatched grey: blocked)"
+                 if blocked is not None else "attention weight")
+    heading = "\n".join(part for part in (title, note) if part)
+    if heading:
+        fig.suptitle(heading, fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=100)
     return path
+
+
+def _hatch(ax, blocked: Tensor) -> None:
+    """Hatch the blocked cells `(i j)` of one panel, so they read as blocked even in grey print:
+    one rectangle per run of blocked keys in a row, all in one collection (a cell per patch made
+    a 144-head grid take minutes)."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    runs = []
+    for i, row in enumerate(blocked.tolist()):
+        j = 0
+        for is_blocked, group in itertools.groupby(row):
+            n = len(list(group))
+            if is_blocked:
+                runs.append(Rectangle((j - 0.5, i - 0.5), n, 1))
+            j += n
+    ax.add_collection(PatchCollection(runs, facecolor="none", edgecolor="#888888", hatch="///",
+                                      linewidth=0))
 
 
 def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
@@ -117,11 +191,15 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | Path) -> Path
     return path
 
 
-def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT attention") -> str:
+def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT attention",
+                   blocked: Tensor | None = None, note: str | None = None) -> str:
     """One self-contained HTML page (data and script inline, nothing fetched) for exploring
     `patterns (l h i j)`: two panels, each with its own layer and head, side by side; hovering a
-    token in either panel shows, in both, the weights with which it attends to every key."""
-    _check(patterns, tokens)
+    token in either panel shows, in both, the weights with which it attends to every key.
+
+    Cells in `blocked (l h i j)` are shown in their own colour with a "blocked" tooltip, apart
+    from weights near zero; `note` (e.g. `mask_note(model)`) is shown under the title."""
+    _check(patterns, tokens, blocked)
     if not torch.isfinite(patterns).all():
         raise ValueError(
             "the attention weights hold NaN or infinite values (are the model's weights or "
@@ -131,16 +209,21 @@ def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT at
     # Only the causal lower triangle: row i holds the weights on keys 0..i.
     rows = [[[[round(w, 6) for w in patterns[layer, head, i, :i + 1].tolist()] for i in range(t)]
              for head in range(n_heads)] for layer in range(n_layers)]
-    data = {"tokens": [display_token(tok) for tok in tokens], "patterns": rows}
+    data = {"tokens": [display_token(tok) for tok in tokens], "patterns": rows, "note": note or ""}
+    if blocked is not None:  # the same lower triangle, 1 where the mask blocked the key
+        data["blocked"] = [[[[int(b) for b in blocked[layer, head, i, :i + 1].tolist()]
+                             for i in range(t)] for head in range(n_heads)]
+                           for layer in range(n_layers)]
     # "</" must not appear inside the inline script, whatever the tokens are.
     payload = json.dumps(data, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     return _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", payload)
 
 
 def save_attention_html(patterns: Tensor, tokens: list[str], path: str | Path,
-                        title: str = "TinyGPT attention") -> Path:
+                        title: str = "TinyGPT attention", blocked: Tensor | None = None,
+                        note: str | None = None) -> Path:
     path = Path(path)
-    path.write_text(attention_html(patterns, tokens, title), encoding="utf-8")
+    path.write_text(attention_html(patterns, tokens, title, blocked, note), encoding="utf-8")
     return path
 
 
@@ -159,12 +242,14 @@ _PAGE = """<!DOCTYPE html>
   .tok .w { font-size: 0.65em; color: #555; min-height: 1.1em; }
   .tok.query { outline: 2px solid #d62728; }
   .tok.future { color: #bbb; }
+  .tok.blocked { background: repeating-linear-gradient(45deg, #ddd 0 3px, #bbb 3px 6px); }
   canvas { border: 1px solid #ddd; image-rendering: pixelated; }
   .hint { color: #666; font-size: 0.9em; }
 </style>
 </head>
 <body>
 <h1>__TITLE__</h1>
+<p class="hint" id="note"></p>
 <p class="hint">Pick a layer and a head in each panel. Hover a token: every earlier token is
 shaded by the weight with which the hovered token attends to it, in both panels at once.</p>
 <div class="panels" id="panels"></div>
@@ -173,6 +258,11 @@ shaded by the weight with which the hovered token attends to it, in both panels 
 "use strict";
 const DATA = JSON.parse(document.getElementById("attention-data").textContent);
 const T = DATA.tokens.length;
+const BLOCKED = "#bbbbbb";  // a blocked cell: not a weight, so not on the white-to-blue scale
+document.getElementById("note").textContent = DATA.note;
+function isBlocked(layer, head, i, j) {
+  return Boolean(DATA.blocked && DATA.blocked[layer][head][i][j]);
+}
 const panels = [];
 let query = T - 1;
 
@@ -222,13 +312,20 @@ function color(w) {  // white -> dark blue; the square root keeps diffuse rows v
 }
 
 function render(panel) {
-  const rows = DATA.patterns[Number(panel.layerSel.value)][Number(panel.headSel.value)];
+  const layer = Number(panel.layerSel.value), head = Number(panel.headSel.value);
+  const rows = DATA.patterns[layer][head];
   const weights = rows[query];
   panel.cells.forEach((cell, j) => {
     const w = cell.querySelector(".w");
+    const blocked = j <= query && isBlocked(layer, head, query, j);
     cell.classList.toggle("query", j === query);
     cell.classList.toggle("future", j > query);
-    if (j <= query) {
+    cell.classList.toggle("blocked", blocked);
+    cell.title = blocked ? "blocked by the mask" : "";
+    if (blocked) {
+      cell.style.background = ""; cell.style.color = "";
+      delete cell.dataset.weight; w.textContent = "×";  // as narrow as a weight: no reflow
+    } else if (j <= query) {
       cell.style.background = color(weights[j]);
       cell.style.color = weights[j] > 0.3 ? "#fff" : "";
       cell.dataset.weight = String(weights[j]);
@@ -241,7 +338,8 @@ function render(panel) {
   const ctx = panel.canvas.getContext("2d"), s = panel.scale;
   ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, panel.canvas.width, panel.canvas.height);
   rows.forEach((row, i) => row.forEach((w, j) => {
-    ctx.fillStyle = color(w); ctx.fillRect(j * s, i * s, s, s);
+    ctx.fillStyle = isBlocked(layer, head, i, j) ? BLOCKED : color(w);
+    ctx.fillRect(j * s, i * s, s, s);
   }));
   ctx.strokeStyle = "#d62728"; ctx.strokeRect(0.5, query * s + 0.5, T * s - 1, s - 1);
 }

@@ -20,7 +20,13 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     import torch
 
-    from tinygpt.pictures import attention_patterns, plot_attention_grid, save_attention_html
+    from tinygpt.pictures import (
+        attention_patterns,
+        blocked_cells,
+        mask_note,
+        plot_attention_grid,
+        save_attention_html,
+    )
 
     if args.out is None and args.html is None:
         raise ValueError("give --out FILE.png, --html FILE.html or both.")
@@ -39,10 +45,11 @@ def handle(args: argparse.Namespace) -> None:
                      f"last {ckpt.config.max_seq} are drawn.")
     idx = torch.tensor([ids], device=next(ckpt.model.parameters()).device)
     patterns = attention_patterns(ckpt.model, idx)
+    blocked, note = blocked_cells(ckpt.model, idx), mask_note(ckpt.model)
     tokens = [ckpt.tokenizer.decode([i]) for i in ids]
     cut = "last tokens of the prompt: " if shown != args.prompt else ""
     title = f"{run} (step {ckpt.step}): {cut}{shown[-60:] if cut else shown[:60]!r}"
     if args.out is not None:
-        print(f"wrote {plot_attention_grid(patterns, tokens, args.out, title=title)}")
+        print(f"wrote {plot_attention_grid(patterns, tokens, args.out, title, blocked, note)}")
     if args.html is not None:
-        print(f"wrote {save_attention_html(patterns, tokens, args.html, title=title)}")
+        print(f"wrote {save_attention_html(patterns, tokens, args.html, title, blocked, note)}")
