@@ -794,3 +794,27 @@ def test_tiled_core_takes_every_variant_mask(fields):
     for kwargs in keywords:
         torch.testing.assert_close(tiled(idx, **kwargs), dense(idx, **kwargs), rtol=1e-10,
                                    atol=1e-10, msg=lambda m, kwargs=kwargs: f"{kwargs}: {m}")
+
+
+@pytest.mark.parametrize("position", ["learned", "alibi", "rope", "none"])
+def test_a_packed_row_gives_each_document_the_logits_it_has_alone(position):
+    """Packing documents into one row with `document_ids` changes nothing for any of them: each
+    document's logits equal those of the document run alone (positions restart at each one),
+    in fp64 to 1e-10, with a one-token document among them."""
+    from tinygpt import ModelConfig, TinyDecoderModel
+
+    torch.manual_seed(0)
+    model = TinyDecoderModel(ModelConfig(vocab_size=17, d_model=16, n_heads=2, n_layers=2,
+                                         d_ff=24, max_seq=16, norm_first=True,
+                                         position=position)).double().eval()
+    lengths = (5, 1, 4, 6)
+    documents = [torch.randint(17, (1, n)) for n in lengths]
+    packed = torch.cat(documents, dim=1)  # 1 t
+    ids = torch.cat([torch.full((1, n), k) for k, n in enumerate(lengths)], dim=1)
+    logits = model(packed, document_ids=ids)
+    start = 0
+    for document in documents:
+        n = document.shape[1]
+        torch.testing.assert_close(logits[:, start:start + n], model(document),
+                                   rtol=1e-10, atol=1e-10)
+        start += n
