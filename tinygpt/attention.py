@@ -201,16 +201,18 @@ class MultiHeadAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # each key/value head serves h / g query heads
             k, v = (repeat(kv, "b g j d -> b (g r) j d", r=self.n_heads // self.n_kv_heads)
                     for kv in (k, v))
+        dropout_p = self.dropout if self.training else 0.0
         if self.impl == "tiled":  # attn_mask may be a TileMask: its blocked tiles are skipped
             tiled_mask = attn_mask if isinstance(attn_mask, TileMask) else _per_row(attn_mask)
             z = multihead_core(q, k, v, tiled_mask, key_padding_mask, need_weights=need_weights,
-                               dropout_p=self.dropout if self.training else 0.0)
-            return self.out_proj(rearrange(self.hook_z(z), "b h t d -> b t (h d)")), None
-        if key_padding_mask is not None:
-            key_padding_mask = rearrange(_additive(key_padding_mask, q.dtype), "b j -> b 1 1 j")
-        mask = combine_masks(_per_row(_additive(attn_mask, q.dtype)), key_padding_mask)
-        dropout_p = self.dropout if self.training else 0.0
-        z, weights = scaled_dot_product(q, k, v, mask, dropout_p=dropout_p, hook=self._hook)
+                               dropout_p=dropout_p)
+            weights = None  # the tiled core never forms them
+        else:
+            if key_padding_mask is not None:
+                key_padding_mask = rearrange(_additive(key_padding_mask, q.dtype),
+                                             "b j -> b 1 1 j")
+            mask = combine_masks(_per_row(_additive(attn_mask, q.dtype)), key_padding_mask)
+            z, weights = scaled_dot_product(q, k, v, mask, dropout_p=dropout_p, hook=self._hook)
         out = self.out_proj(rearrange(self.hook_z(z), "b h t d -> b t (h d)"))
         if not need_weights:
             return out, None
