@@ -26,6 +26,7 @@ import typing
 from pathlib import Path
 
 from tinygpt.config import PRESETS, ModelConfig
+from tinygpt.model import planned_parameter_table
 from tinygpt.train import TrainConfig
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -134,18 +135,6 @@ def add_force(parser) -> None:
                              "available")
 
 
-def count_parameters(config: ModelConfig) -> list[tuple[str, int]]:
-    """`parameter_table` of the model `config` describes, built on the meta device: shapes
-    without storage, so any size is counted at once and without memory, by the model's own
-    code (whatever options the config grows)."""
-    import torch
-
-    from tinygpt.model import TinyDecoderModel, parameter_table
-
-    with torch.device("meta"):
-        return parameter_table(TinyDecoderModel(config))
-
-
 def available_memory() -> int | None:
     """Bytes of memory the kernel can give without swapping (MemAvailable), or None if unknown."""
     import os
@@ -171,7 +160,7 @@ def check_model_fits(config: ModelConfig, *, training: bool, force: bool,
         return
     available = available_memory() if available is None else available
     per_parameter = TRAINING_BYTES_PER_PARAMETER if training else LOADING_BYTES_PER_PARAMETER
-    n = sum(count for _, count in count_parameters(config))
+    n = sum(count for _, count in planned_parameter_table(config))
     if available is not None and n * per_parameter > available:
         what = "to train (weights, gradients, AdamW moments)" if training else "for its weights"
         raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tinygpt.cli import options
+from tinygpt.model import planned_parameter_table
 
 
 def register(commands) -> None:
@@ -15,7 +16,7 @@ def register(commands) -> None:
 
 def handle(args: argparse.Namespace) -> None:
     config = options.config_from_args(args)
-    rows = options.count_parameters(config)  # on the meta device: no memory, any size
+    rows = planned_parameter_table(config)  # from the config: no memory, any size
     width = max(len(name) for name, _ in rows)
     print(f"config {args.config}: {config}")
     print(f"{'module':<{width}}  {'parameters':>10}")
