@@ -258,6 +258,17 @@ def test_debug_variable_in_a_fresh_process_shows_the_traceback(tmp_path):
         "tinygpt: error: d_model (32) must be divisible by n_heads (3).")
 
 
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly():
+    """`tinygpt summary | head -1`: the reader leaves before anything is written, so every write
+    fails; the command stops with SIGPIPE's exit code and writes nothing to stderr."""
+    command = [sys.executable, "-m", "tinygpt", "summary", "--config", "gpt2"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+    child.stdout.close()  # before the child has imported torch, let alone printed
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 141 and err == ""
+
+
 def test_an_unexpected_error_is_a_bug_and_keeps_its_traceback(monkeypatch):
     def broken(args):
         raise TypeError("a bug")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except BrokenPipeError:
+        raise  # the reader of stdout left (`| head`): not an error of the input; see `run`
     except expected_errors() as error:
         if _debugging(args):
             traceback.print_exception(error, file=sys.stderr)
@@ -92,4 +95,13 @@ def run() -> None:
     """The `tinygpt` program. It owns its process, so it keeps freed memory (see
     `tinygpt.allocator`); `main`, which tests also call in-process, leaves the process alone."""
     keep_freed_memory()
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader closed the pipe, as `tinygpt summary | head` does: stop quietly, like any
+        # Unix filter, with the exit code of SIGPIPE. Later writes to stdout (the interpreter's
+        # own flush at exit) go to /dev/null instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
+    sys.exit(code)
