@@ -524,8 +524,10 @@ def test_bad_nanogpt_checkpoints(tmp_path, capsys):
     _import_fails(tmp_path, capsys, "gguf:model.bin", "hf:DIR")
 
 
-@pytest.mark.parametrize("field, value", [("norm_first", False), ("head_bias", True),
-                                          ("attn_only", True), ("seed_input_scale", True)])
+@pytest.mark.parametrize("field, value", [
+    ("norm_first", False), ("head_bias", True), ("attn_only", True), ("seed_input_scale", True),
+    ("position", "rope"), ("position", "alibi"), ("position", "none"), ("window", 4),
+    ("n_kv_heads", 1)])
 def test_export_refuses_what_gpt2_cannot_express(tmp_path, capsys, field, value):
     tokenizer = CharTokenizer.from_text("abc")
     exportable = dict(norm_first=True, activation="gelu", head_bias=False)

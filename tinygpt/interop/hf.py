@@ -184,6 +184,10 @@ def check_exportable(config: ModelConfig) -> None:
         ("seed_input_scale", config.seed_input_scale, "GPT-2 does not scale attention's input"),
         ("attn_only", config.attn_only, "every GPT-2 block has an MLP"),
         ("head_bias", config.head_bias, "GPT-2's LM head has no bias"),
+        ("position", config.position != "learned", "GPT-2 adds a learned table of positions"),
+        ("window", config.window is not None, "GPT-2's attention sees every earlier token"),
+        ("n_kv_heads", config.n_kv_heads not in (None, config.n_heads),
+         "GPT-2 has one key and value head per query head"),
     )
     for name, bad, reason in problems:
         if bad:
