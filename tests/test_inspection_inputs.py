@@ -3,6 +3,9 @@ be compared with, no windows at all; and it reads a memory-mapped stream window 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +68,15 @@ def test_eval_windows_read_only_their_windows_of_a_memory_mapped_stream(tmp_path
 
     eval_windows(ids.view(Spy), 8, 5)
     assert len(touched) == 5 and all(k.stop - k.start == 9 for k in touched)
+
+
+def test_eval_windows_copies_out_of_a_read_only_int64_map_without_a_warning(tmp_path):
+    """An int64 map would be shared, not copied, by `torch.as_tensor`, and torch warns (once per
+    process, so in a fresh one) that writing to such a tensor is undefined."""
+    (np.arange(100, dtype=np.int64) % 7).tofile(tmp_path / "tokens.bin")
+    code = ("import numpy as np, sys; from tinygpt.inspection import eval_windows; "
+            "x, _ = eval_windows(np.memmap(sys.argv[1], dtype=np.int64, mode='r'), 8, 3); "
+            "x += 1")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code, str(tmp_path / "tokens.bin")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
