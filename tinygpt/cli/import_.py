@@ -27,8 +27,13 @@ def register(commands) -> None:
 
 def handle(args: argparse.Namespace) -> None:
     from tinygpt.interop import default_run_name, import_checkpoint
+    from tinygpt.rundir import check_run_name
 
-    run_dir = Path(args.runs_dir) / (args.name or default_run_name(args.source))
+    name = check_run_name(args.name) if args.name is not None else default_run_name(args.source)
+    runs = Path(args.runs_dir)
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs-dir {str(runs)!r} is a file; give the directory runs live in.")
+    run_dir = runs / name
     imported = import_checkpoint(args.source, run_dir, tokenizer=args.tokenizer_path)
     count = sum(p.numel() for p in imported.model.parameters())
     print(f"imported {args.source}: {count:,} parameters, {imported.tokenizer.vocab_size:,} "

@@ -279,6 +279,14 @@ def corpus_file(args: argparse.Namespace) -> Path:
     """The local file of `add_corpus`'s `--corpus` (a named corpus is fetched once)."""
     from tinygpt import data
 
+    cache = Path(args.data_dir)
+    if cache.exists() and not cache.is_dir():
+        raise ValueError(f"--data-dir {args.data_dir!r} is a file; give the directory where "
+                         f"corpora and token files are cached.")
+    for flag, value in (("--tinyshakespeare", args.tinyshakespeare), ("--url", args.url)):
+        if value is not None and args.corpus != "tinyshakespeare":
+            note(f"{flag} is read only with --corpus tinyshakespeare; it is ignored for "
+                 f"--corpus {args.corpus}.")
     return data.corpus_path(args.corpus, args.data_dir, tinyshakespeare=args.tinyshakespeare,
                             url=args.url or data.TINYSHAKESPEARE_URL)
 
@@ -350,8 +358,61 @@ def prompt_ids(ckpt, text: str, what: str):
 
 
 def token_id(ckpt, text: str, flag: str) -> int:
-    """The id of `text`, which must encode to exactly one token (the value of `--flag`)."""
+    """The id of `text`, which must encode to exactly one token of the vocabulary (the value of
+    `--flag`): a character outside it would silently become `<unk>`."""
     ids = ckpt.tokenizer.encode(text)
     if len(ids) != 1:
         raise ValueError(f"--{flag} {text!r} must be exactly one token, got {len(ids)}.")
+    if ckpt.tokenizer.decode(ids) != text:
+        raise ValueError(f"--{flag} {text!r} is not in the checkpoint's vocabulary.")
     return ids[0]
+
+
+def target_and_foil(ckpt, args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """The ids of `--target` and `--foil` (None where not given), refusing a foil equal to the
+    target: a logit minus itself is zero whatever the model does."""
+    target = token_id(ckpt, args.target, "target") if args.target is not None else None
+    foil = token_id(ckpt, args.foil, "foil") if args.foil is not None else None
+    check_foil(foil, target, args.foil)
+    return target, foil
+
+
+def check_foil(foil: int | None, target: int | None, text: str | None) -> None:
+    if foil is not None and foil == target:
+        raise ValueError(f"--foil {text!r} is the target token itself, so the logit difference "
+                         f"is zero whatever the model does; choose another foil.")
+
+
+# --- files a command writes ----------------------------------------------------------------------
+
+def output_file(text: str, flag: str) -> Path:
+    """The file `flag` names, checked before any work is done: not a directory, and not below a
+    file. Missing directories above it are made when it is written (`make_parent`)."""
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{flag} {text!r} is a directory; give a file name.")
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"{flag} {text!r} cannot be written: {str(above)!r} is a file, not a "
+                         f"directory.")
+    return path
+
+
+def make_parent(path: Path) -> None:
+    """Make the directories above `path` (checked by `output_file`), just before it is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def figure_file(text: str, flag: str) -> Path:
+    """A file matplotlib can draw into, by its extension (none means .png, as matplotlib adds,
+    and the name printed says so)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = output_file(text, flag)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{flag} {text!r}: a figure cannot be written as {path.suffix!r}; use "
+                         f"one of {', '.join('.' + f for f in sorted(formats))}.")
+    return path

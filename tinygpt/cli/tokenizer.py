@@ -22,7 +22,8 @@ def handle_train(args: argparse.Namespace) -> None:
     from tinygpt.data import read_text
     from tinygpt.tokenizer import BPETokenizer
 
+    out = options.output_file(args.out, "--out")  # before training, which takes a while
     tokenizer = BPETokenizer.train(read_text(options.corpus_file(args)),
                                    vocab_size=args.vocab_size)
-    tokenizer.save(args.out)
+    tokenizer.save(out)
     print(f"BPE tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")

@@ -76,6 +76,8 @@ def handle(args: argparse.Namespace) -> None:
     name = check_run_name(args.name) if args.name is not None else (
         f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(args.runs_dir) / name
+    if args.resume:
+        _note_if_done(run_dir, train_config.steps)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     with process_group(world_size, pick_device(args.device)) as rank:
         data = main_process_first(lambda: cached_tokens(corpus, tokenizer, args.data_dir))
@@ -89,6 +91,18 @@ def handle(args: argparse.Namespace) -> None:
               f"loss curve {run_dir / 'loss_curve.png'}")
     saved = f"saved step {result.step} to {result.checkpoint}"
     options.exit_if_interrupted(result.interrupted, saved, report=rank == 0)
+
+
+def _note_if_done(run_dir: Path, steps: int) -> None:
+    """Say so when `--resume` finds the run already at or past `--steps`: the schedule is planned
+    for --steps, so there is nothing left to train, and a silent exit would look like training."""
+    from tinygpt.rundir import RunDir
+
+    latest = RunDir(run_dir).latest()
+    done = int(latest.name.rsplit("-", 1)[1]) if latest is not None else 0
+    if done >= steps:
+        options.note(f"the run is already at step {done}, and --steps {steps} plans no step "
+                     f"beyond it; nothing is trained (raise --steps to train on).")
 
 
 def _separator_id(text: str | None, tokenizer) -> int | None:
