@@ -195,8 +195,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                      invalid=lambda error: TokenizerError(f"{name} is not valid JSON: {error}."))
     kind = data.get("type") if isinstance(data, dict) else None
     if kind not in (CharTokenizer.kind, BPETokenizer.kind):  # another library's, say
-        raise TokenizerError(f"{name} is not a TinyGPT tokenizer: its type is {kind!r}, not "
-                             f"'char' or 'bpe'.")
+        raise TokenizerError(f"{name} is not a TinyGPT tokenizer: unknown tokenizer type "
+                             f"{kind!r}; expected 'char' or 'bpe'.")
     return tokenizer_from_dict(data)
 
 
