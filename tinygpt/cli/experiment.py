@@ -68,6 +68,7 @@ def _check_out(out: Path) -> Path:
     before training, as replacing it would lose it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory for the experiment.")
+    options.writable_below(out, "--out")
     if out.is_dir():
         others = [p.name for p in out.iterdir()
                   if p.name not in OUTPUTS and not p.name.startswith("ckpt-")]

@@ -51,7 +51,7 @@ def handle(args: argparse.Namespace) -> None:
     options.note_repaired(tokens)
     options.note_unknown(unknown_share(tokens.tokens, ckpt.tokenizer), "the corpus")
     out = Path(args.out) if args.out is not None else Path(run) / "lora"
-    check_adapter_directory(out)  # before training: the adapters replace what is there
+    check_adapter_directory(options.writable_below(out, "--out"))  # they replace what is there
     # Locked before training: a second fine-tuning into the same directory is refused at once.
     with StopSignals() as stop, adapter_lock(out):
         adapted = add_lora(ckpt.model, settings)

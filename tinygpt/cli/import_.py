@@ -4,7 +4,6 @@ every other command reads like one TinyGPT trained."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from tinygpt.cli import options
 
@@ -30,10 +29,7 @@ def handle(args: argparse.Namespace) -> None:
     from tinygpt.rundir import check_run_name
 
     name = check_run_name(args.name) if args.name is not None else default_run_name(args.source)
-    runs = Path(args.runs_dir)
-    if runs.exists() and not runs.is_dir():
-        raise ValueError(f"--runs-dir {str(runs)!r} is a file; give the directory runs live in.")
-    run_dir = runs / name
+    run_dir = options.directory_option(args.runs_dir, "--runs-dir") / name
     imported = import_checkpoint(args.source, run_dir, tokenizer=args.tokenizer_path)
     count = sum(p.numel() for p in imported.model.parameters())
     print(f"imported {args.source}: {count:,} parameters, {imported.tokenizer.vocab_size:,} "

@@ -279,10 +279,7 @@ def corpus_file(args: argparse.Namespace) -> Path:
     """The local file of `add_corpus`'s `--corpus` (a named corpus is fetched once)."""
     from tinygpt import data
 
-    cache = Path(args.data_dir)
-    if cache.exists() and not cache.is_dir():
-        raise ValueError(f"--data-dir {args.data_dir!r} is a file; give the directory where "
-                         f"corpora and token files are cached.")
+    directory_option(args.data_dir, "--data-dir")
     for flag, value in (("--tinyshakespeare", args.tinyshakespeare), ("--url", args.url)):
         if value is not None and args.corpus != "tinyshakespeare":
             note(f"{flag} is read only with --corpus tinyshakespeare; it is ignored for "
@@ -391,11 +388,26 @@ def output_file(text: str, flag: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise ValueError(f"{flag} {text!r} is a directory; give a file name.")
+    return writable_below(path, flag)
+
+
+def writable_below(path: Path, flag: str) -> Path:
+    """`path` (a file or a directory to be made), refused when what exists above it is a file:
+    making the directories between would fail with the operating system's bare words."""
     above = next(p for p in path.absolute().parents if p.exists())
     if not above.is_dir():
-        raise ValueError(f"{flag} {text!r} cannot be written: {str(above)!r} is a file, not a "
-                         f"directory.")
+        raise ValueError(f"{flag} {str(path)!r} cannot be written: {str(above)!r} is a file, "
+                         f"not a directory.")
     return path
+
+
+def directory_option(text: str, flag: str) -> Path:
+    """A directory the command reads and writes below (`--runs-dir`, `--data-dir`): absent (it
+    is made) or a directory, never a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {text!r} is a file; give a directory.")
+    return writable_below(path, flag)
 
 
 def make_parent(path: Path) -> None:

@@ -75,7 +75,7 @@ def handle(args: argparse.Namespace) -> None:
          "document_separator": _separator_id(args.pack_documents, tokenizer)})
     name = check_run_name(args.name) if args.name is not None else (
         f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(args.runs_dir) / name
+    run_dir = options.directory_option(args.runs_dir, "--runs-dir") / name
     if args.resume:
         _note_if_done(run_dir, train_config.steps)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
