@@ -14,6 +14,7 @@ import functools
 import json
 import pickle
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,15 +320,19 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_command_exit_code_and_message(name, built, capsys, monkeypatch):
+def test_command_exit_code_and_message(name, built, tmp_path, capsys, monkeypatch):
+    """Each case on its own copy of the runs and files (a case that fails its check must not
+    take the files of the next ones with it)."""
     case = CASES[name]
     monkeypatch.delenv("TINYGPT_DEBUG", raising=False)
-    before = _snapshot(built) if case.then == "corpus and runs intact" else None
-    argv = [a.format(dir=built) for a in case.argv]
+    shutil.copytree(built, tmp_path, dirs_exist_ok=True)
+    root = tmp_path
+    before = _snapshot(root) if case.then == "corpus and runs intact" else None
+    argv = [a.format(dir=root) for a in case.argv]
     capsys.readouterr()
     code = main(argv)
     out, err = capsys.readouterr()
-    pattern = case.err.format(dir=re.escape(str(built)))
+    pattern = case.err.format(dir=re.escape(str(root)))
     said = [line for line in re.split(r"[\r\n]", err) if line.startswith("tinygpt:")]
     assert code == case.code, err[-2000:]
     assert "Traceback" not in err and "Warning" not in err, err[-2000:]
@@ -336,14 +341,14 @@ def test_command_exit_code_and_message(name, built, capsys, monkeypatch):
     else:
         assert err == "", err[-2000:]
     if case.out is not None:
-        assert re.search(case.out.format(dir=re.escape(str(built))), out), out
+        assert re.search(case.out.format(dir=re.escape(str(root))), out), out
     elif case.code != 0:
         assert out == "", out
     if before is not None:
-        assert _snapshot(built) == before
-        assert not [p for p in built.iterdir() if p.name.startswith(".tmp")]
+        assert _snapshot(root) == before
+        assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
     if case.then == "no runs.png":
-        assert not (built / "runs.png").exists()
+        assert not (root / "runs.png").exists()
 
 
 def test_an_experiment_run_again_replaces_the_earlier_one_whole(built, tmp_path, monkeypatch,
