@@ -62,6 +62,13 @@ def _import(source: str, *extra: str) -> list[str]:
     return ["import", "--from", source, "--runs-dir", "{dir}/runs", *extra]
 
 
+def _resume(*extra: str) -> list[str]:
+    return ["train", "--corpus", "{dir}/corpus.txt", "--data-dir", "{dir}/cache", "--runs-dir",
+            "{dir}/runs", "--name", "trained", "--resume", "--config", "seed",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in SIZES.items()], "--batch-size", "2",
+            "--eval-every", "1", "--eval-batches", "1", *extra]
+
+
 def _induction(out: str, *extra: str) -> list[str]:
     return ["experiment", "induction", "--corpus", "{dir}/corpus.txt", "--data-dir",
             "{dir}/cache", "--steps", "2", "--score-every", "1", "--out", out, *extra]
@@ -228,12 +235,21 @@ CASES = {
         NOTE + r"--url is read only with --corpus tinyshakespeare; it is ignored for --corpus "
                r"{dir}/corpus\.txt\.$"),
     "train --resume past --steps (nothing trained, not a word)": Case(
-        ["train", "--corpus", "{dir}/corpus.txt", "--data-dir", "{dir}/cache", "--runs-dir",
-         "{dir}/runs", "--name", "trained", "--resume", "--steps", "1", "--config", "seed",
-         *[f"--{k.replace('_', '-')}={v}" for k, v in SIZES.items()], "--batch-size", "2",
-         "--eval-every", "1", "--eval-batches", "1"], 0,
+        _resume("--steps", "1"), 0,
         NOTE + r"the run is already at step 2, and --steps 1 plans no step beyond it; nothing "
                r"is trained"),
+    "train --resume with other training options (flags not given again take defaults)": Case(
+        _resume("--steps", "3", "--lr", "0.01", "--pack-documents", "\n"), 0,
+        NOTE + r"resuming with other training options than the checkpoint's \(--lr 0\.001 -> "
+               r"0\.01, --pack-documents none -> '\\n'\); give the run's own to continue it "
+               r"exactly\.$"),
+    "inspect a prompt with characters outside the vocabulary (silently <unk>)": Case(
+        ["inspect", "--checkpoint", "{dir}/runs/post", "--prompt", "the cat!", "--out",
+         "{dir}/a.png"], 0,
+        NOTE + r"characters of the prompt outside the vocabulary became <unk>: '!'$"),
+    "lens a prompt with characters outside the vocabulary (silently <unk>)": Case(
+        ["lens", "--checkpoint", "{dir}/runs/post", "--prompt", "the cat!"], 0,
+        NOTE + r"characters of the prompt outside the vocabulary became <unk>: '!'$"),
     "export below a file (raw OS text)": Case(
         ["export", "--checkpoint", "{dir}/runs/tied", "--to", "hf", "{dir}/corpus.txt/out"], 2,
         ERROR + r"OUT '{dir}/corpus\.txt/out' cannot be written: '{dir}/corpus\.txt' is a file, "

@@ -36,17 +36,14 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     import torch
 
-    from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
+    from tinygpt.generate import beam_search, encode_prompt, stream
 
     _refuse_combinations(args)
     _, checkpoint = options.load_selected_checkpoint(args)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     prompt = args.prompt or "\n"
     ids = encode_prompt(tokenizer, prompt)
-    unknown = unknown_characters(tokenizer, prompt)
-    if unknown:
-        print(f"tinygpt: note: characters outside the vocabulary became <unk>: "
-              f"{' '.join(map(repr, unknown))}", file=sys.stderr)
+    options.note_unknown_characters(tokenizer, prompt)
     decoding = {"use_cache": not args.no_cache, "policy": args.policy,
                 "compile": args.compile or False}
     if args.beam is not None:

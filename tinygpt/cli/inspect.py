@@ -42,6 +42,7 @@ def handle(args: argparse.Namespace) -> None:
     ids = ckpt.tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens.")
+    options.note_unknown_characters(ckpt.tokenizer, args.prompt, "the prompt")
     shown = args.prompt
     if len(ids) > ckpt.config.max_seq:  # the model sees max_seq tokens: draw its last ones
         ids = ids[-ckpt.config.max_seq:]

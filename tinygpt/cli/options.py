@@ -275,6 +275,18 @@ def note_unknown(share: float, what: str) -> None:
              f"checkpoint's vocabulary).")
 
 
+def note_unknown_characters(tokenizer, text: str, what: str = "") -> None:
+    """Tell the user which characters of `text` (named `what`, when the command reads several
+    texts) the tokenizer turns into `<unk>`: the model then sees none of them."""
+    from tinygpt.generate import unknown_characters
+
+    unknown = unknown_characters(tokenizer, text)
+    if unknown:
+        of = f" of {what}" if what else ""
+        note(f"characters{of} outside the vocabulary became <unk>: "
+             f"{' '.join(map(repr, unknown))}")
+
+
 def corpus_file(args: argparse.Namespace) -> Path:
     """The local file of `add_corpus`'s `--corpus` (a named corpus is fetched once)."""
     from tinygpt import data
@@ -351,6 +363,7 @@ def prompt_ids(ckpt, text: str, what: str):
     ids = ckpt.tokenizer.encode(text)[-ckpt.config.max_seq:]
     if not ids:
         raise ValueError(f"the {what} {text!r} encodes to no tokens.")
+    note_unknown_characters(ckpt.tokenizer, text, f"the {what}")
     return torch.tensor([ids], device=next(ckpt.model.parameters()).device), ids
 
 
