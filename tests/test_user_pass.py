@@ -211,6 +211,11 @@ CASES = {
         _import("nanogpt:{dir}/corpus.txt", "--name", "t"), 2,
         ERROR + r"cannot read '{dir}/corpus\.txt' as a nanoGPT checkpoint: it is not a file "
                 r"that torch\.save wrote, or it is damaged\.$"),
+    "import a nanoGPT file whose pickle runs code (torch's advice to turn the check off)": Case(
+        _import("nanogpt:{dir}/evil.pt", "--name", "v"), 2,
+        ERROR + r"cannot read '{dir}/evil\.pt' as a nanoGPT checkpoint: it holds objects other "
+                r"than plain tensors and data, and unpickling them could run code\.$",
+        then="nothing ran"),
     "import nanoGPT without meta.pkl (named a flag that does not exist)": Case(
         _import("nanogpt:{dir}/bare/ckpt.pt", "--name", "b"), 2,
         ERROR + r"{dir}/bare/ckpt\.pt has no meta\.pkl beside it; .* with --tokenizer-path "
@@ -303,10 +308,21 @@ def built(tmp_path_factory):
     get_peft_model(tied, LoraConfig(r=2, target_modules=["lm_head"])).save_pretrained(
         str(root / "lora-tied"))
     (root / "empty.pt").write_bytes(b"")
+    torch.save({"model": _CreatesAFile(root / "pwned"), "model_args": {}}, root / "evil.pt")
     _write_nanogpt(root / "nano", meta=True)
     _write_nanogpt(root / "bare", meta=False)
     (root / "foreign.json").write_text(json.dumps({"model": {"type": "BPE"}}), encoding="utf-8")
     return root
+
+
+class _CreatesAFile:
+    """Unpickled, it would create `path`: what a checkpoint that runs code does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
 
 
 def _write_nanogpt(directory: Path, *, meta: bool) -> None:
@@ -365,6 +381,8 @@ def test_command_exit_code_and_message(name, built, tmp_path, capsys, monkeypatc
         assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
     if case.then == "no runs.png":
         assert not (root / "runs.png").exists()
+    if case.then == "nothing ran":
+        assert not (root / "pwned").exists() and not (built / "pwned").exists()
 
 
 def test_an_experiment_run_again_replaces_the_earlier_one_whole(built, tmp_path, monkeypatch,
