@@ -131,6 +131,10 @@ CASES = {
         _generate("post", "--beam", "2", "--top-k", "3"), 2, ERROR + r"--top-k shapes the"),
     "generate --beam --top-p (ignored)": Case(
         _generate("post", "--beam", "2", "--top-p", "0.5"), 2, ERROR + r"--top-p shapes the"),
+    "generate --stop with characters outside the vocabulary (can never stop)": Case(
+        _generate("post", "--stop", "Q"), 0,
+        NOTE + r"--stop 'Q' holds characters outside the vocabulary \('Q'\), which the model "
+               r"never writes; it cannot end the text\.$"),
     "generate --temperature 1e-300 (blamed the weights)": Case(
         _generate("post", "--temperature", "1e-300"), 2,
         ERROR + r"temperature 1e-300 is so small that the logits divided by it overflow to "

@@ -36,7 +36,7 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     import torch
 
-    from tinygpt.generate import beam_search, encode_prompt, stream
+    from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
 
     _refuse_combinations(args)
     _, checkpoint = options.load_selected_checkpoint(args)
@@ -44,6 +44,12 @@ def handle(args: argparse.Namespace) -> None:
     prompt = args.prompt or "\n"
     ids = encode_prompt(tokenizer, prompt)
     options.note_unknown_characters(tokenizer, prompt)
+    for text in args.stop or ():
+        unknown = unknown_characters(tokenizer, text)
+        if unknown:
+            options.note(f"--stop {text!r} holds characters outside the vocabulary "
+                         f"({' '.join(map(repr, unknown))}), which the model never writes; it "
+                         f"cannot end the text.")
     decoding = {"use_cache": not args.no_cache, "policy": args.policy,
                 "compile": args.compile or False}
     if args.beam is not None:
