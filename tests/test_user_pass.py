@@ -228,6 +228,16 @@ CASES = {
     "tokenizer train --out a directory (raw OS text with a temporary name)": Case(
         ["tokenizer", "train", "--corpus", "{dir}/corpus.txt", "--vocab-size", "260", "--out",
          "{dir}/runs"], 2, ERROR + r"--out '{dir}/runs' is a directory; give a file name\.$"),
+    "tokenizer train --vocab-size more than the corpus gives (not a word)": Case(
+        ["tokenizer", "train", "--corpus", "{dir}/corpus.txt", "--vocab-size", "5000", "--out",
+         "{dir}/bpe.json"], 0,
+        NOTE + r"the corpus gave \d+ tokens, fewer than --vocab-size 5000: no pair of adjacent "
+               r"tokens is left in it to merge\.$"),
+    "prepare --tinyshakespeare a file that is not it (two hashes, no meaning)": Case(
+        ["prepare", "--corpus", "tinyshakespeare", "--tinyshakespeare", "{dir}/corpus.txt",
+         "--data-dir", "{dir}/cache"], 2,
+        ERROR + r"{dir}/corpus\.txt has sha256 [0-9a-f]{{64}}, expected [0-9a-f]{{64}}: it is not "
+                r"Tiny Shakespeare's input\.txt, or a damaged copy of it\.$"),
     "train --tokenizer a directory (raw OS text)": Case(
         ["train", "--corpus", "{dir}/corpus.txt", "--tokenizer", "{dir}/runs"], 2,
         ERROR + r"tokenizer file '{dir}/runs' is a directory; give the JSON file a tokenizer was "

@@ -26,4 +26,7 @@ def handle_train(args: argparse.Namespace) -> None:
     tokenizer = BPETokenizer.train(read_text(options.corpus_file(args)),
                                    vocab_size=args.vocab_size)
     tokenizer.save(out)
+    if tokenizer.vocab_size < args.vocab_size:
+        options.note(f"the corpus gave {tokenizer.vocab_size} tokens, fewer than --vocab-size "
+                     f"{args.vocab_size}: no pair of adjacent tokens is left in it to merge.")
     print(f"BPE tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")
