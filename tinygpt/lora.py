@@ -79,17 +79,17 @@ def check_lora_targets(model: TinyDecoderModel, targets: Sequence[str],
     the merged model would differ from the adapted one. `adapters`: the directory they come from,
     when loading."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    what = (f"the adapters in {adapters} adapt {{!r}}, which" if adapters is not None
-            else "LoRA target {!r}")
     for target in targets:
+        what = (f"the adapters in {adapters} adapt {target!r}, which" if adapters is not None
+                else f"LoRA target {target!r}")
         if not any(name == target or name.endswith(f".{target}") for name in names):
             hint = ("; they were made for another model" if adapters is not None
                     else " (an attention-only model has no MLP)" if target.startswith("mlp.")
                     else "")
-            raise ValueError(f"{what.format(target)} is no layer of this model{hint}.")
+            raise ValueError(f"{what} is no layer of this model{hint}.")
         if target == "lm_head" and model.config.tie_embeddings:
-            raise ValueError(f"{what.format(target)} cannot be merged into this model: its LM "
-                             f"head is its token embedding (tie_embeddings), so both would change.")
+            raise ValueError(f"{what} cannot be merged into this model: its LM head is its token "
+                             f"embedding (tie_embeddings), so both would change.")
 
 
 def check_adapter_directory(directory: str | Path) -> Path:

@@ -66,6 +66,7 @@ def _check_out(out: Path) -> Path:
     """`--out` may be new, empty, or an earlier run of the experiment, which is replaced whole
     (so no checkpoint of another step is left beside the new one); anything else is refused
     before training, as replacing it would lose it."""
+    out = out if out.name else out.resolve()  # "." or "..": the directory's own name
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; give a directory for the experiment.")
     options.writable_below(out, "--out")

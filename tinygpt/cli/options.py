@@ -435,7 +435,7 @@ def figure_file(text: str, flag: str) -> Path:
 
     path = output_file(text, flag)
     if not path.suffix:
-        path = path.with_name(f"{path.name}.png")
+        path = output_file(str(path.with_name(f"{path.name}.png")), flag)
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:
         raise ValueError(f"{flag} {text!r}: a figure cannot be written as {path.suffix!r}; use "
