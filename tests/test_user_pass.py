@@ -4,8 +4,9 @@ prepare): each input below once gave a traceback, a library's raw text, a mislea
 exit 0 on an option silently ignored, or a file destroyed. Now each is one sentence and exit 2,
 or a note on stderr where going on is what a user wants.
 
-One table of command -> exit code -> the last line on stderr (and, where it matters, stdout or the
-files afterwards), run in-process on checkpoints of several variants built once for the module.
+One table of command -> exit code -> the one line of ours on stderr (and, where it matters,
+stdout or the files afterwards), run in-process on checkpoints of several variants built once for
+the module, each case on its own copy of them.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ SIZES = dict(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_seq=8)
 class Case:
     argv: list[str]
     code: int
-    err: str  # a pattern for the last line on stderr ("" when stderr must stay empty)
+    err: str  # a pattern for the one line of ours on stderr ("" when stderr must stay empty)
     out: str | None = None  # a pattern stdout must match (None: empty on errors, not checked on 0)
-    then: str | None = None  # a check of the files afterwards (see `_check_after`)
+    # A check of the files afterwards: "corpus and runs intact", "no runs.png", "nothing ran".
+    then: str | None = None
 
 
 def _finetune(run: str, *extra: str) -> list[str]:
@@ -296,7 +298,8 @@ def _save(root: Path, name: str, tokenizer: CharTokenizer, **fields) -> None:
 def built(tmp_path_factory):
     """Runs of several variants (post-norm trained for 2 steps, with adapters; pre-norm with tied
     embeddings; attention-only; grouped KV heads; ALiBi; tiled), adapters of an MLP layer and of
-    a tied LM head, and nanoGPT-style files that are empty, bare or missing their meta.pkl."""
+    a tied LM head, and nanoGPT files: one that loads, one without its meta.pkl, an empty one and
+    one whose pickle would run code."""
     from peft import LoraConfig, get_peft_model
 
     root = tmp_path_factory.mktemp("userpass")
@@ -346,9 +349,9 @@ def _write_nanogpt(directory: Path, *, meta: bool) -> None:
     shapes = {"wte": (5, 8), "wpe": (8, 8), "ln_f": (8,), "h.0.ln_1": (8,), "h.0.ln_2": (8,),
               "h.0.attn.c_attn": (24, 8), "h.0.attn.c_proj": (8, 8), "h.0.mlp.c_fc": (32, 8),
               "h.0.mlp.c_proj": (8, 32)}
-    state = {}
+    state, generator = {}, torch.Generator().manual_seed(0)
     for name, shape in shapes.items():
-        state[f"transformer.{name}.weight"] = torch.randn(shape) * 0.1
+        state[f"transformer.{name}.weight"] = torch.randn(shape, generator=generator) * 0.1
         if name not in ("wte", "wpe"):
             state[f"transformer.{name}.bias"] = torch.zeros(shape[0])
     directory.mkdir()
