@@ -494,4 +494,5 @@ def _read_cache_meta(token_dir: Path) -> dict[str, Any]:
 def _check_sha256(blob: bytes, expected: str, source: str) -> None:
     digest = hashlib.sha256(blob).hexdigest()
     if digest != expected:
-        raise CorpusError(f"{source} has sha256 {digest}, expected {expected}.")
+        raise CorpusError(f"{source} has sha256 {digest}, expected {expected}: it is not "
+                          f"Tiny Shakespeare's input.txt, or a damaged copy of it.")

@@ -46,6 +46,12 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if not is_int_at_least(self.rank, 1):
             raise ValueError(f"LoRA rank must be a positive integer, got {self.rank!r}.")
+        # alpha/r scales the adapters' output: 0 would leave the model unchanged whatever the
+        # training, and NaN or inf would make the first loss NaN.
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (
+                math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}.")
         if not self.targets:
             raise ValueError(f"choose at least one LoRA target from {', '.join(LORA_TARGETS)}.")
         for target in self.targets:
@@ -59,9 +65,44 @@ def add_lora(model: TinyDecoderModel, settings: LoraSettings) -> nn.Module:
     trainable parameters are the adapters."""
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, settings.targets)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
                         target_modules=list(settings.targets), lora_dropout=0.0, bias="none")
     return get_peft_model(copy.deepcopy(model), config)
+
+
+def check_lora_targets(model: TinyDecoderModel, targets: Sequence[str],
+                       adapters: Path | None = None) -> None:
+    """Refuse a target the model has no layer for (peft's own error names none of ours, and
+    loading drops such adapters without a word), and the LM head of a model whose head is its
+    token embedding: merging `W + B A` into that one tensor would change the embedding too, so
+    the merged model would differ from the adapted one. `adapters`: the directory they come from,
+    when loading."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    for target in targets:
+        what = (f"the adapters in {adapters} adapt {target!r}, which" if adapters is not None
+                else f"LoRA target {target!r}")
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            hint = ("; they were made for another model" if adapters is not None
+                    else " (an attention-only model has no MLP)" if target.startswith("mlp.")
+                    else "")
+            raise ValueError(f"{what} is no layer of this model{hint}.")
+        if target == "lm_head" and model.config.tie_embeddings:
+            raise ValueError(f"{what} cannot be merged into this model: its LM head is its token "
+                             f"embedding (tie_embeddings), so both would change.")
+
+
+def check_adapter_directory(directory: str | Path) -> Path:
+    """Refuse to write adapters where something else is: `save_lora` replaces the directory
+    whole, so a file or a directory of other files (a run, say) would be lost."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"adapter directory {str(directory)!r} is a file; give a directory.")
+    if (directory.is_dir() and any(directory.iterdir())
+            and not (directory / "adapter_config.json").is_file()):
+        raise ValueError(f"{str(directory)!r} holds files that are not LoRA adapters; give a new "
+                         f"or empty directory for the adapters.")
+    return directory
 
 
 def lora_parameters(peft_model: nn.Module) -> dict[str, Tensor]:
@@ -135,7 +176,7 @@ def save_lora(peft_model: nn.Module, directory: str | Path) -> Path:
     beside `directory`, which then replaces it, so adapters that load are never replaced by a
     partial write; a full disk raises `DiskFullError` and leaves `directory` as it was.
     """
-    directory = Path(directory)
+    directory = check_adapter_directory(directory)
     for name, p in lora_parameters(peft_model).items():
         if not torch.isfinite(p).all():
             raise NonFiniteLossError(
@@ -183,7 +224,27 @@ def load_lora(model: TinyDecoderModel, directory: str | Path) -> nn.Module:
     directory = Path(directory)
     if not (directory / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"no adapter_model.safetensors in {directory}.")
-    return PeftModel.from_pretrained(copy.deepcopy(model), str(directory)).eval()
+    check_lora_targets(model, _saved_targets(directory), directory)
+    try:
+        return PeftModel.from_pretrained(copy.deepcopy(model), str(directory)).eval()
+    except RuntimeError as error:  # load_state_dict's "size mismatch for ..."
+        if "size mismatch" not in str(error):
+            raise
+        raise ValueError(f"the adapters in {directory} were fine-tuned from a model of other "
+                         f"sizes than this checkpoint; give adapters made from it.") from None
+
+
+def _saved_targets(directory: Path) -> list[str]:
+    """The `target_modules` that adapter_config.json records (peft writes a list)."""
+    import json
+
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        targets = config["target_modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{directory} has no readable adapter_config.json naming the adapted "
+                         f"layers.") from None
+    return [targets] if isinstance(targets, str) else list(targets)
 
 
 def merge_lora(peft_model: nn.Module) -> TinyDecoderModel:

@@ -189,8 +189,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Read a tokenizer saved by `save` (either kind)."""
     path = Path(path)
     name = f"tokenizer file {str(path)!r}"
+    if path.is_dir():
+        raise TokenizerError(f"{name} is a directory; give the JSON file a tokenizer was saved to.")
     data = read_json(path, missing=TokenizerError(f"{name} does not exist."),
                      invalid=lambda error: TokenizerError(f"{name} is not valid JSON: {error}."))
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind not in (CharTokenizer.kind, BPETokenizer.kind):  # another library's, say
+        raise TokenizerError(f"{name} is not a TinyGPT tokenizer: unknown tokenizer type "
+                             f"{kind!r}; expected 'char' or 'bpe'.")
     return tokenizer_from_dict(data)
 
 

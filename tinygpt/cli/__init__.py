@@ -82,13 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     except expected_errors() as error:
         if _debugging(args):
             traceback.print_exception(error, file=sys.stderr)
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tinygpt: error: {message}", file=sys.stderr)
+        print(f"tinygpt: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tinygpt: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's first line; an operating system error that carries no sentence of ours
+    ("[Errno 21] Is a directory: 'x'") as the file and what went wrong, in words."""
+    if isinstance(error, OSError) and str(error).startswith("[Errno") and error.filename:
+        files = " -> ".join(repr(str(f)) for f in (error.filename, error.filename2) if f)
+        return f"cannot use {files}: {error.strerror[:1].lower()}{error.strerror[1:]}."
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def run() -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tinygpt.cli import options
 
@@ -24,6 +25,7 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     from tinygpt.interop import export_hf
 
+    options.writable_below(Path(args.out), "OUT")
     _, checkpoint = options.load_selected_checkpoint(args)
     out = export_hf(checkpoint.model, checkpoint.tokenizer, args.out)
     print(f"wrote {out} (transformers.GPT2LMHeadModel.from_pretrained loads it)")

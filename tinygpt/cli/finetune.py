@@ -33,7 +33,14 @@ def register(commands) -> None:
 def handle(args: argparse.Namespace) -> None:
     from tinygpt.data import cached_tokens, unknown_share
     from tinygpt.inspection import loss_ends
-    from tinygpt.lora import LoraSettings, adapter_lock, add_lora, finetune, save_lora
+    from tinygpt.lora import (
+        LoraSettings,
+        adapter_lock,
+        add_lora,
+        check_adapter_directory,
+        finetune,
+        save_lora,
+    )
     from tinygpt.train import StopSignals
 
     settings = LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha,
@@ -44,6 +51,7 @@ def handle(args: argparse.Namespace) -> None:
     options.note_repaired(tokens)
     options.note_unknown(unknown_share(tokens.tokens, ckpt.tokenizer), "the corpus")
     out = Path(args.out) if args.out is not None else Path(run) / "lora"
+    check_adapter_directory(options.writable_below(out, "--out"))  # they replace what is there
     # Locked before training: a second fine-tuning into the same directory is refused at once.
     with StopSignals() as stop, adapter_lock(out):
         adapted = add_lora(ckpt.model, settings)

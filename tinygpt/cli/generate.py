@@ -38,23 +38,18 @@ def handle(args: argparse.Namespace) -> None:
 
     from tinygpt.generate import beam_search, encode_prompt, stream, unknown_characters
 
-    if args.beam is not None and args.stream:
-        raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
-                         "--beam.")
-    if args.beam is not None and args.stop:
-        raise ValueError("--stop ends sampled text; beam search ranks whole continuations and "
-                         "cannot be used with it.")
-    if args.compile and args.no_cache:
-        raise ValueError("--compile speeds up the cached decode step; it cannot be used with "
-                         "--no-cache.")
+    _refuse_combinations(args)
     _, checkpoint = options.load_selected_checkpoint(args)
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     prompt = args.prompt or "\n"
     ids = encode_prompt(tokenizer, prompt)
-    unknown = unknown_characters(tokenizer, prompt)
-    if unknown:
-        print(f"tinygpt: note: characters outside the vocabulary became <unk>: "
-              f"{' '.join(map(repr, unknown))}", file=sys.stderr)
+    options.note_unknown_characters(tokenizer, prompt)
+    for text in args.stop or ():
+        unknown = unknown_characters(tokenizer, text)
+        if unknown:
+            options.note(f"--stop {text!r} holds characters outside the vocabulary "
+                         f"({' '.join(map(repr, unknown))}), which the model never writes; it "
+                         f"cannot end the text.")
     decoding = {"use_cache": not args.no_cache, "policy": args.policy,
                 "compile": args.compile or False}
     if args.beam is not None:
@@ -82,3 +77,27 @@ def handle(args: argparse.Namespace) -> None:
         print(prompt + "".join(drawn))
         raise
     print(prompt + "".join(drawn))
+
+
+def _refuse_combinations(args: argparse.Namespace) -> None:
+    """Options that cannot work together, refused before the checkpoint is loaded rather than
+    one of them silently ignored."""
+    if args.beam is not None and args.stream:
+        raise ValueError("--stream shows sampled text as it is drawn; it cannot be used with "
+                         "--beam.")
+    if args.beam is not None and args.stop:
+        raise ValueError("--stop ends sampled text; beam search ranks whole continuations and "
+                         "cannot be used with it.")
+    sampling = [flag for flag, given in (("--temperature", args.temperature != 1.0),
+                                         ("--top-k", args.top_k is not None),
+                                         ("--top-p", args.top_p is not None)) if given]
+    if args.beam is not None and sampling:
+        raise ValueError(f"{sampling[0]} shapes the distribution tokens are sampled from; beam "
+                         f"search samples nothing (it keeps the most likely continuations) and "
+                         f"cannot be used with it.")
+    if args.policy == "rolling" and (args.no_cache or args.compile):
+        raise ValueError(f"--policy rolling drops keys from the eager KV cache; it cannot be used "
+                         f"with {'--no-cache' if args.no_cache else '--compile'}.")
+    if args.compile and args.no_cache:
+        raise ValueError("--compile speeds up the cached decode step; it cannot be used with "
+                         "--no-cache.")

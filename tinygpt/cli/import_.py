@@ -4,7 +4,6 @@ every other command reads like one TinyGPT trained."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from tinygpt.cli import options
 
@@ -27,8 +26,10 @@ def register(commands) -> None:
 
 def handle(args: argparse.Namespace) -> None:
     from tinygpt.interop import default_run_name, import_checkpoint
+    from tinygpt.rundir import check_run_name
 
-    run_dir = Path(args.runs_dir) / (args.name or default_run_name(args.source))
+    name = check_run_name(args.name) if args.name is not None else default_run_name(args.source)
+    run_dir = options.directory_option(args.runs_dir, "--runs-dir") / name
     imported = import_checkpoint(args.source, run_dir, tokenizer=args.tokenizer_path)
     count = sum(p.numel() for p in imported.model.parameters())
     print(f"imported {args.source}: {count:,} parameters, {imported.tokenizer.vocab_size:,} "

@@ -32,11 +32,17 @@ def handle(args: argparse.Namespace) -> None:
         raise ValueError("give --out FILE.png, --html FILE.html or both.")
     if not args.prompt:
         raise ValueError("the prompt is empty.")
+    png = options.figure_file(args.out, "--out") if args.out is not None else None
+    page = options.output_file(args.html, "--html") if args.html is not None else None
+    if png is not None and page is not None and png.resolve() == page.resolve():
+        raise ValueError(f"--out and --html name the same file {str(png)!r}; the page would "
+                         f"overwrite the figure.")
     run, ckpt = options.load_selected_checkpoint(args)
     options.use_dense_twin(ckpt)
     ids = ckpt.tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens.")
+    options.note_unknown_characters(ckpt.tokenizer, args.prompt, "the prompt")
     shown = args.prompt
     if len(ids) > ckpt.config.max_seq:  # the model sees max_seq tokens: draw its last ones
         ids = ids[-ckpt.config.max_seq:]
@@ -49,7 +55,9 @@ def handle(args: argparse.Namespace) -> None:
     tokens = [ckpt.tokenizer.decode([i]) for i in ids]
     cut = "last tokens of the prompt: " if shown != args.prompt else ""
     title = f"{run} (step {ckpt.step}): {cut}{shown[-60:] if cut else shown[:60]!r}"
-    if args.out is not None:
-        print(f"wrote {plot_attention_grid(patterns, tokens, args.out, title, blocked, note)}")
-    if args.html is not None:
-        print(f"wrote {save_attention_html(patterns, tokens, args.html, title, blocked, note)}")
+    if png is not None:
+        options.make_parent(png)
+        print(f"wrote {plot_attention_grid(patterns, tokens, png, title, blocked, note)}")
+    if page is not None:
+        options.make_parent(page)
+        print(f"wrote {save_attention_html(patterns, tokens, page, title, blocked, note)}")

@@ -25,8 +25,13 @@ def handle(args: argparse.Namespace) -> None:
     from tinygpt.circuits import direct_logit_attribution, logit_lens, top_tokens
     from tinygpt.pictures import display_token
 
+    if args.foil is not None and args.target is None:
+        raise ValueError("--foil is subtracted from --target's logit; give --target too.")
     _, ckpt = options.load_selected_checkpoint(args)
     idx, ids = options.prompt_ids(ckpt, args.prompt, "prompt")
+    target, foil = options.target_and_foil(ckpt, args)
+    # Attributed before anything is printed, so a model it cannot split fails without a table.
+    result = direct_logit_attribution(ckpt.model, idx, target, foil) if target is not None else None
     decode = lambda i: f"'{display_token(ckpt.tokenizer.decode([i]))}'"  # noqa: E731
     probs, top = top_tokens(logit_lens(ckpt.model, idx), k=1)  # l b t 1
     n_layers = ckpt.config.n_layers
@@ -36,11 +41,8 @@ def handle(args: argparse.Namespace) -> None:
         cells = [f"{decode(int(top[n, 0, t, 0])):>8} {probs[n, 0, t, 0]:.2f}"
                  for n in range(n_layers)]
         print(f"{t:>4} {decode(token):>8} " + " ".join(f"{c:>14}" for c in cells))
-    if args.target is None:
+    if result is None:
         return
-    target = options.token_id(ckpt, args.target, "target")
-    foil = options.token_id(ckpt, args.foil, "foil") if args.foil is not None else None
-    result = direct_logit_attribution(ckpt.model, idx, target, foil)
     what = f"logit({args.target!r})" + (f" - logit({args.foil!r})" if foil is not None else "")
     print(f"direct logit attribution of {what} at the last position "
           f"(total {result.logit_diff[0]:.3f}):")

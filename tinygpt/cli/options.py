@@ -275,10 +275,27 @@ def note_unknown(share: float, what: str) -> None:
              f"checkpoint's vocabulary).")
 
 
+def note_unknown_characters(tokenizer, text: str, what: str = "") -> None:
+    """Tell the user which characters of `text` (named `what`, when the command reads several
+    texts) the tokenizer turns into `<unk>`: the model then sees none of them."""
+    from tinygpt.generate import unknown_characters
+
+    unknown = unknown_characters(tokenizer, text)
+    if unknown:
+        of = f" of {what}" if what else ""
+        note(f"characters{of} outside the vocabulary became <unk>: "
+             f"{' '.join(map(repr, unknown))}")
+
+
 def corpus_file(args: argparse.Namespace) -> Path:
     """The local file of `add_corpus`'s `--corpus` (a named corpus is fetched once)."""
     from tinygpt import data
 
+    directory_option(args.data_dir, "--data-dir")
+    for flag, value in (("--tinyshakespeare", args.tinyshakespeare), ("--url", args.url)):
+        if value is not None and args.corpus != "tinyshakespeare":
+            note(f"{flag} is read only with --corpus tinyshakespeare; it is ignored for "
+                 f"--corpus {args.corpus}.")
     return data.corpus_path(args.corpus, args.data_dir, tinyshakespeare=args.tinyshakespeare,
                             url=args.url or data.TINYSHAKESPEARE_URL)
 
@@ -346,12 +363,81 @@ def prompt_ids(ckpt, text: str, what: str):
     ids = ckpt.tokenizer.encode(text)[-ckpt.config.max_seq:]
     if not ids:
         raise ValueError(f"the {what} {text!r} encodes to no tokens.")
+    note_unknown_characters(ckpt.tokenizer, text, f"the {what}")
     return torch.tensor([ids], device=next(ckpt.model.parameters()).device), ids
 
 
 def token_id(ckpt, text: str, flag: str) -> int:
-    """The id of `text`, which must encode to exactly one token (the value of `--flag`)."""
+    """The id of `text`, which must encode to exactly one token of the vocabulary (the value of
+    `--flag`): a character outside it would silently become `<unk>`."""
     ids = ckpt.tokenizer.encode(text)
     if len(ids) != 1:
         raise ValueError(f"--{flag} {text!r} must be exactly one token, got {len(ids)}.")
+    if ckpt.tokenizer.decode(ids) != text:
+        raise ValueError(f"--{flag} {text!r} is not in the checkpoint's vocabulary.")
     return ids[0]
+
+
+def target_and_foil(ckpt, args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """The ids of `--target` and `--foil` (None where not given), refusing a foil equal to the
+    target: a logit minus itself is zero whatever the model does."""
+    target = token_id(ckpt, args.target, "target") if args.target is not None else None
+    foil = token_id(ckpt, args.foil, "foil") if args.foil is not None else None
+    check_foil(foil, target, args.foil)
+    return target, foil
+
+
+def check_foil(foil: int | None, target: int | None, text: str | None) -> None:
+    if foil is not None and foil == target:
+        raise ValueError(f"--foil {text!r} is the target token itself, so the logit difference "
+                         f"is zero whatever the model does; choose another foil.")
+
+
+# --- files a command writes ----------------------------------------------------------------------
+
+def output_file(text: str, flag: str) -> Path:
+    """The file `flag` names, checked before any work is done: not a directory, and not below a
+    file. Missing directories above it are made when it is written (`make_parent`)."""
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{flag} {text!r} is a directory; give a file name.")
+    return writable_below(path, flag)
+
+
+def writable_below(path: Path, flag: str) -> Path:
+    """`path` (a file or a directory to be made), refused when what exists above it is a file:
+    making the directories between would fail with the operating system's bare words."""
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be written: {str(above)!r} is a file, "
+                         f"not a directory.")
+    return path
+
+
+def directory_option(text: str, flag: str) -> Path:
+    """A directory the command reads and writes below (`--runs-dir`, `--data-dir`): absent (it
+    is made) or a directory, never a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {text!r} is a file; give a directory.")
+    return writable_below(path, flag)
+
+
+def make_parent(path: Path) -> None:
+    """Make the directories above `path` (checked by `output_file`), just before it is written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def figure_file(text: str, flag: str) -> Path:
+    """A file matplotlib can draw into, by its extension (none means .png, as matplotlib adds,
+    and the name printed says so)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = output_file(text, flag)
+    if not path.suffix:
+        path = output_file(str(path.with_name(f"{path.name}.png")), flag)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{flag} {text!r}: a figure cannot be written as {path.suffix!r}; use "
+                         f"one of {', '.join('.' + f for f in sorted(formats))}.")
+    return path

@@ -29,20 +29,24 @@ def handle(args: argparse.Namespace) -> None:
 
     from tinygpt.circuits import logit_difference, patch, plot_patching
 
+    out = options.figure_file(args.out if args.out is not None else "patch.png", "--out")
     run, ckpt = options.load_selected_checkpoint(args)
     clean, ids = options.prompt_ids(ckpt, args.clean, "clean prompt")
     corrupted, _ = options.prompt_ids(ckpt, args.corrupted, "corrupted prompt")
     if clean.shape != corrupted.shape:
         raise ValueError(f"the clean prompt has {clean.shape[1]} tokens and the corrupted one "
                          f"{corrupted.shape[1]}; patching by position needs equal lengths.")
+    if torch.equal(clean, corrupted):
+        raise ValueError("the clean and corrupted prompts are the same tokens, so patching "
+                         "changes nothing; make them differ where the answer should.")
+    target, foil = options.target_and_foil(ckpt, args)
     model, n_layers = ckpt.model, ckpt.config.n_layers
     with torch.no_grad():
         clean_logits, corrupted_logits = model(clean), model(corrupted)
-    target = (options.token_id(ckpt, args.target, "target") if args.target is not None
-              else int(clean_logits[0, -1].argmax()))
+    target = target if target is not None else int(clean_logits[0, -1].argmax())
+    options.check_foil(foil, target, args.foil)  # a default target may be the foil given
     ranked = corrupted_logits[0, -1].argsort(descending=True).tolist()
-    foil = (options.token_id(ckpt, args.foil, "foil") if args.foil is not None
-            else next(i for i in ranked if i != target))
+    foil = foil if foil is not None else next(i for i in ranked if i != target)
     metric = logit_difference(target, foil)
     resid_names = [f"blocks.{n}.hook_resid_pre" for n in range(n_layers)]
     resid_names.append(f"blocks.{n_layers - 1}.hook_resid_post")
@@ -57,5 +61,5 @@ def handle(args: argparse.Namespace) -> None:
     title = (f"{run}: {name} at the last position; clean {clean_value:.2f}, "
              f"corrupted {corrupted_value:.2f}")
     tokens = [decode([i]) for i in ids]
-    out = args.out if args.out is not None else "patch.png"
+    options.make_parent(out)
     print(f"wrote {plot_patching(resid.cpu(), heads.cpu(), tokens, out, title=title)}")

@@ -22,7 +22,11 @@ def handle_train(args: argparse.Namespace) -> None:
     from tinygpt.data import read_text
     from tinygpt.tokenizer import BPETokenizer
 
+    out = options.output_file(args.out, "--out")  # before training, which takes a while
     tokenizer = BPETokenizer.train(read_text(options.corpus_file(args)),
                                    vocab_size=args.vocab_size)
-    tokenizer.save(args.out)
+    tokenizer.save(out)
+    if tokenizer.vocab_size < args.vocab_size:
+        options.note(f"the corpus gave {tokenizer.vocab_size} tokens, fewer than --vocab-size "
+                     f"{args.vocab_size}: no pair of adjacent tokens is left in it to merge.")
     print(f"BPE tokenizer with {tokenizer.vocab_size} tokens written to {args.out}")

@@ -75,7 +75,9 @@ def handle(args: argparse.Namespace) -> None:
          "document_separator": _separator_id(args.pack_documents, tokenizer)})
     name = check_run_name(args.name) if args.name is not None else (
         f"{args.config}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = Path(args.runs_dir) / name
+    run_dir = options.directory_option(args.runs_dir, "--runs-dir") / name
+    if args.resume:
+        _notes_on_resume(run_dir, train_config, tokenizer)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     with process_group(world_size, pick_device(args.device)) as rank:
         data = main_process_first(lambda: cached_tokens(corpus, tokenizer, args.data_dir))
@@ -89,6 +91,48 @@ def handle(args: argparse.Namespace) -> None:
               f"loss curve {run_dir / 'loss_curve.png'}")
     saved = f"saved step {result.step} to {result.checkpoint}"
     options.exit_if_interrupted(result.interrupted, saved, report=rank == 0)
+
+
+# Training options that a resumed run may change freely: when to stop, evaluate and save, and
+# where to run. Every other one changes the path the run would have taken had it not stopped.
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "device", "compile",
+                     "init")
+
+
+def _notes_on_resume(run_dir: Path, config, tokenizer) -> None:
+    """Say what `--resume` would otherwise do without a word: train nothing when the run is
+    already at `--steps`, or continue with other training options than the checkpoint's (each
+    flag takes its default when not given again), which is not the run continued exactly."""
+    import json
+
+    from tinygpt.rundir import RunDir
+
+    latest = RunDir(run_dir).latest()
+    if latest is None:
+        return  # train() refuses to resume a run without a checkpoint, in its own words
+    done = int(latest.name.rsplit("-", 1)[1])
+    if done >= config.steps:
+        options.note(f"the run is already at step {done}, and --steps {config.steps} plans no "
+                     f"step beyond it; nothing is trained (raise --steps to train on).")
+        return
+    try:
+        before = json.loads((latest / "meta.json").read_text(encoding="utf-8"))["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # an imported or damaged checkpoint: loading it says what is wrong
+    now = config.to_dict()
+    changed = [_change(k, before[k], now[k], tokenizer) for k in now
+               if k not in RESUMABLE_CHANGES and k in before and before[k] != now[k]]
+    if changed:
+        options.note(f"resuming with other training options than the checkpoint's "
+                     f"({', '.join(changed)}); give the run's own to continue it exactly.")
+
+
+def _change(field: str, before, now, tokenizer) -> str:
+    """One changed training option as its flag, the checkpoint's value and the new one."""
+    if field == "document_separator":  # given as text, --pack-documents, and stored as an id
+        shown = [repr(tokenizer.decode([v])) if v is not None else "none" for v in (before, now)]
+        return f"--pack-documents {shown[0]} -> {shown[1]}"
+    return f"--{field.replace('_', '-')} {before} -> {now}"
 
 
 def _separator_id(text: str | None, tokenizer) -> int | None:

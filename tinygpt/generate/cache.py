@@ -151,6 +151,10 @@ def choose_cache(model: TinyDecoderModel, use_cache: bool,
         return GrowingCache(model) if use_cache else Recompute(model)
     if not use_cache:
         raise ValueError("compile=True speeds up the cached decode step: it needs use_cache=True.")
+    if model.config.attention_impl == "tiled":  # dynamo stops at the tile plan's Python branch
+        raise ValueError("compiled decoding needs dense attention: the tiled core plans its tiles "
+                         "from the cache length, which one compiled graph for every step cannot "
+                         "follow; decode a tiled model without compiling.")
     if compile is True:
         return StaticCache(model, "inductor")
     if not (callable(compile) or isinstance(compile, str) and compile):

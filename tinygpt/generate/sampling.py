@@ -106,12 +106,20 @@ class Sampling:
             if logits.gather(-1, tokens[:, None]).isnan().any():
                 raise ValueError(NAN_LOGITS)
             return tokens
-        logits = reduce(lambda out, keep: keep(out), self._filters, logits)  # in order
-        probs = logits.softmax(dim=-1)
+        filtered = reduce(lambda out, keep: keep(out), self._filters, logits)  # in order
+        probs = filtered.softmax(dim=-1)
         try:
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         except RuntimeError as error:  # torch's text: "probability tensor contains ... nan"
-            raise ValueError(NAN_LOGITS) from error
+            raise ValueError(self._why_no_token(logits)) from error
+
+    def _why_no_token(self, logits: Tensor) -> str:
+        """Why no token could be drawn: the model's own logits, or finite logits that a tiny
+        temperature divided past the largest float (read only once the draw has failed)."""
+        if bool(torch.isfinite(logits).all()):
+            return (f"temperature {self.temperature!r} is so small that the logits divided by it "
+                    f"overflow to infinity; use 0 for greedy decoding, or a larger temperature.")
+        return NAN_LOGITS
 
 
 def resolve_sampling(sampling: Sampling | None, temperature: float = 1.0,

@@ -49,7 +49,7 @@ def read_nanogpt(path: str | Path,
         meta = path.parent / "meta.pkl"
         if not meta.is_file():
             raise InteropError(f"{source} has no meta.pkl beside it; for a GPT-2 BPE run pass "
-                               f"GPT-2's tokenizer files with --tokenizer DIR.")
+                               f"GPT-2's tokenizer files with --tokenizer-path DIR.")
         vocab = char_tokenizer(read_meta(meta), args["vocab_size"], str(meta))
     with_unk = isinstance(vocab, CharTokenizer)
     if with_unk:
@@ -65,12 +65,23 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle and zip errors of every kind: refuse the file
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InteropError(f"cannot read {str(path)!r} as plain tensors: {message}") from None
+        raise InteropError(f"cannot read {str(path)!r} as a nanoGPT checkpoint: "
+                           f"{_unreadable(path, error)}.") from None
     if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= set(checkpoint):
         raise InteropError(f"{str(path)!r} is not a nanoGPT checkpoint (a dict with 'model' and "
                            f"'model_args').")
     return checkpoint
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused `path`, in words: its own errors are a bare key ('101'), an empty
+    EOFError, or zip internals."""
+    if "GLOBAL" in str(error):  # torch's weights-only unpickler met a class or a function
+        return ("it holds objects other than plain tensors and data, and unpickling them could "
+                "run code")
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    return "it is not a file that torch.save wrote, or it is damaged"
 
 
 def _model_args(checkpoint: dict[str, Any], source: str) -> dict[str, Any]:
