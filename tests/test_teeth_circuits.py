@@ -1,0 +1,60 @@
+"""Circuit behaviour the broader tests leave open: the probe's distinct tokens at the vocabulary's
+edge, and which K-composition scores the induction experiment reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tinygpt.checkpoint import load_checkpoint
+from tinygpt.experiments.induction import InductionSettings, run_induction
+from tinygpt.induction import repeated_tokens
+
+TEXT = "the cat sat on the mat and the dog sat on the log; " * 40
+
+
+def test_a_copy_as_long_as_the_vocabulary_holds_every_token_once():
+    """With exactly n tokens in the vocabulary, a copy of n tokens is a permutation of them: the
+    copy one period back is then the only earlier occurrence of each token."""
+    for vocab in (6, 9):
+        idx = repeated_tokens(vocab, batch=8, t=2 * 6, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(idx[:, :6], idx[:, 6:])
+        assert all(len(set(row[:6].tolist())) == 6 for row in idx), vocab
+
+
+def _k_composition_by_hand(model, later_head: int) -> list[float]:
+    """||W_QK^l W_OV^e||_F / (||W_QK^l||_F ||W_OV^e||_F) for every head e of layer 0 and head l of
+    layer 1, from the fused weights sliced with plain indexing."""
+    m, d = model.config.d_model, model.config.d_head
+
+    def circuits(layer, head):
+        w = model.blocks[layer].attention.in_proj.weight.detach().double()
+        rows = slice(head * d, (head + 1) * d)
+        w_q, w_k, w_v = w[:m][rows], w[m:2 * m][rows], w[2 * m:][rows]
+        w_o = model.blocks[layer].attention.out_proj.weight.detach().double()[:, rows]
+        return w_q.T @ w_k, w_o @ w_v
+
+    def norm(x):
+        return math.sqrt(float((x * x).sum()))
+
+    qk, _ = circuits(1, later_head)
+    return [norm(qk @ ov) / (norm(qk) * norm(ov))
+            for ov in (circuits(0, e)[1] for e in range(model.config.n_heads))]
+
+
+def test_the_experiment_reports_k_composition_of_each_earlier_head_into_its_induction_head(
+        tmp_path):
+    """The summary lists, for the induction head it found in layer 1, the K-composition score of
+    every layer-0 head into it, and names the best of those as the previous-token head."""
+    settings = InductionSettings(steps=2, eval_every=2, batch_size=4, d_model=24, n_heads=3,
+                                 max_seq=12, eval_windows=4)
+    result = run_induction(TEXT, tmp_path, settings)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    model = load_checkpoint(result.checkpoint).model
+    expected = _k_composition_by_hand(model, result.induction_head[1])
+    assert summary["k_composition"] == pytest.approx(expected, rel=1e-5)
+    assert result.previous_head == (0, max(range(3), key=expected.__getitem__))
+    assert result.k_composition == pytest.approx(max(expected), rel=1e-5)
