@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tinygpt.checkpoint import load_checkpoint
+from tinygpt.circuits import in_context_learning_score, logit_difference
 from tinygpt.experiments.induction import InductionSettings, run_induction
 from tinygpt.induction import repeated_tokens
 
@@ -58,3 +59,19 @@ def test_the_experiment_reports_k_composition_of_each_earlier_head_into_its_indu
     assert summary["k_composition"] == pytest.approx(expected, rel=1e-5)
     assert result.previous_head == (0, max(range(3), key=expected.__getitem__))
     assert result.k_composition == pytest.approx(max(expected), rel=1e-5)
+
+
+def test_the_logit_difference_metric_is_the_batch_mean_at_the_position():
+    """logit(target) - logit(foil) at `position`, averaged over the batch (so a patching result
+    does not grow with the number of prompts), written out for a 3-row batch."""
+    logits = torch.arange(3 * 4 * 5, dtype=torch.float64).reshape(3, 4, 5) ** 1.5
+    for position in (-1, 1):
+        by_hand = sum(float(logits[b, position, 2] - logits[b, position, 4]) for b in range(3)) / 3
+        assert float(logit_difference(2, 4, position)(logits)) == pytest.approx(by_hand)
+
+
+def test_the_in_context_score_is_negative_when_later_tokens_are_predicted_better():
+    """Loss at the late position minus loss at the early one: a model that gains from its
+    context has a lower late loss, and so a negative score (Olsson et al.'s sign)."""
+    losses = torch.tensor([4.0, 3.5, 3.0, 2.0, 1.5])
+    assert in_context_learning_score(losses, early=1, late=4) == pytest.approx(-2.0)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 import tinygpt.files as files
-from tinygpt.files import DiskFullError, LockedError, write_atomic
+from tinygpt.files import DiskFullError, LockedError, write_atomic, write_file
 from tinygpt.rundir import RunDir
 
 
@@ -87,3 +87,13 @@ def test_a_full_disk_while_cutting_the_metrics_back_keeps_them_and_leaves_no_tem
     monkeypatch.undo()
     assert run.metrics_path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_write_file_never_replaces_an_existing_file(tmp_path):
+    """`write_file` creates a file in a checkpoint being built; finding one already there means
+    two writers, and it refuses rather than overwrite the other's bytes."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"the other writer's")
+    with pytest.raises(FileExistsError):
+        write_file(path, b"ours")
+    assert path.read_bytes() == b"the other writer's"
