@@ -1,5 +1,6 @@
 """Circuit behaviour the broader tests leave open: the probe's distinct tokens at the vocabulary's
-edge, and which K-composition scores the induction experiment reports."""
+edge, which K-composition scores the induction experiment reports, the metrics' conventions, and
+composition scores of grouped key/value heads."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import math
 import pytest
 import torch
 
+from tinygpt import ModelConfig, TinyDecoderModel
 from tinygpt.checkpoint import load_checkpoint
-from tinygpt.circuits import in_context_learning_score, logit_difference
+from tinygpt.circuits import composition_scores, in_context_learning_score, logit_difference
 from tinygpt.experiments.induction import InductionSettings, run_induction
 from tinygpt.induction import repeated_tokens
 
@@ -75,3 +77,31 @@ def test_the_in_context_score_is_negative_when_later_tokens_are_predicted_better
     context has a lower late loss, and so a negative score (Olsson et al.'s sign)."""
     losses = torch.tensor([4.0, 3.5, 3.0, 2.0, 1.5])
     assert in_context_learning_score(losses, early=1, late=4) == pytest.approx(-2.0)
+
+
+def test_composition_scores_of_grouped_heads_equal_those_of_the_same_heads_ungrouped():
+    """A model whose 4 query heads share 2 key/value heads computes what a full multi-head model
+    does when each query head gets its own copy of its group's key and value rows; its
+    composition scores must be that model's (and not an error about the packed projection)."""
+    torch.manual_seed(0)
+    fields = dict(vocab_size=11, d_model=16, n_heads=4, n_layers=3, d_ff=16, max_seq=12,
+                  norm_first=True)
+    grouped = TinyDecoderModel(ModelConfig(**fields, n_kv_heads=2)).double().eval()
+    full = TinyDecoderModel(ModelConfig(**fields)).double().eval()
+    d = 4
+    state = grouped.state_dict()
+    for n in range(3):
+        prefix = f"blocks.{n}.attention.in_proj."
+        for kind in ("weight", "bias"):
+            packed = state[prefix + kind]
+            q, k, v = packed[:16], packed[16:24], packed[24:32]
+            # query head h reads key/value head h // 2 (heads 0, 1 -> group 0; 2, 3 -> group 1)
+            copies = [torch.cat([kv[(h // 2) * d:(h // 2 + 1) * d] for h in range(4)])
+                      for kv in (k, v)]
+            state[prefix + kind] = torch.cat([q, *copies])
+    full.load_state_dict(state)
+    idx = torch.randint(11, (2, 9))
+    torch.testing.assert_close(grouped(idx), full(idx), rtol=1e-12, atol=1e-12)  # an exact copy
+    got, expected = composition_scores(grouped), composition_scores(full)
+    for kind in ("q", "k", "v"):
+        torch.testing.assert_close(got[kind], expected[kind], rtol=1e-12, atol=1e-12)
