@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from test_interop import nanogpt_forward, nanogpt_state, write_meta, write_nanogpt
+from nanogpt_files import nanogpt_forward, nanogpt_state, write_meta, write_nanogpt
 
 from tinygpt.interop import InteropError, default_run_name, read_meta, read_nanogpt
 
