@@ -1,5 +1,6 @@
 """Crash-safety the broader run-directory tests leave open: a lock given back when its block
-fails, a stale holder's pid never read as ours, and no temporary left by a failed write."""
+fails, a stale holder's pid never read as ours, no temporary left by a failed write, the mode an
+atomic write leaves, and `write_file` never replacing a file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Decoding behaviour the broader generation tests leave open: which stop string ends the text."""
+"""Decoding behaviour the broader generation tests leave open: which of several stop strings
+ends the text, and text held back for a stop string that never completes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Import safety the broader interop tests leave open: no builtin is callable from a meta.pkl,
-and a missing weight is never mistaken for a missing bias."""
+"""Interop behaviour the broader tests leave open: no builtin is callable from a meta.pkl, a
+missing weight is never mistaken for a missing bias, an untied head of the embeddings' shape is
+kept, import run names, and the end-of-text id an export declares."""
 
 from __future__ import annotations
 
