@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
 from torch import Tensor
 
 from tinygpt.induction import induction_pattern_scores, previous_token_pattern_scores
@@ -228,10 +228,16 @@ def head_circuits(model: TinyDecoderModel, layer: int) -> tuple[Tensor, Tensor]:
     With `W_Q^h`, `W_K^h`, `W_V^h` `(d m)` the head's rows of `in_proj.weight` and `W_O^h` `(m d)`
     its columns of `out_proj.weight`: `W_QK^h = W_Q^hᵀ W_K^h`, so the score of query i on key j is
     `x_iᵀ W_QK^h x_j / √d`; and `W_OV^h = W_O^h W_V^h`, what the head writes for a key it reads.
+    With grouped key/value heads (g < h), `W_K^h` and `W_V^h` are the rows of the group that query
+    head h reads, as the attention shares them.
     """
     attention = model.blocks[layer].attention
-    w_q, w_k, w_v = rearrange(attention.in_proj.weight, "(three h d) m -> three h d m", three=3,
-                              h=attention.n_heads)
+    h, g = attention.n_heads, attention.n_kv_heads
+    weight = attention.in_proj.weight  # rows: q (h d), k (g d), v (g d)
+    d_q = weight.shape[1]
+    w_q = rearrange(weight[:d_q], "(h d) m -> h d m", h=h)
+    w_k, w_v = (repeat(kv, "(g d) m -> (g r) d m", g=g, r=h // g)
+                for kv in rearrange(weight[d_q:], "(two gd) m -> two gd m", two=2))
     w_o = rearrange(attention.out_proj.weight, "m (h d) -> h m d", h=attention.n_heads)
     w_qk = einsum(w_q, w_k, "h d m, h d n -> h m n")
     w_ov = einsum(w_o, w_v, "h m d, h d n -> h m n")
