@@ -258,7 +258,9 @@ def composition_scores(model: TinyDecoderModel) -> dict[str, Tensor]:
     The earlier head's `W_OV` sits on the right, as it acts first on the stream:
     Q: `W_QK^lᵀ W_OV^e` (the later head's queries read e's output), K: `W_QK^l W_OV^e` (its keys
     do), V: `W_OV^l W_OV^e` (its values do). Each score is scale-free: rescaling either head's
-    matrices leaves it unchanged. LayerNorm and biases are left out, as in the paper.
+    matrices leaves it unchanged. LayerNorm and biases are left out, as in the paper. Under RoPE a
+    query at i and a key at j meet through `W_Q R(j - i) W_K`, so Q and K scores here are those of
+    offset 0 (R = I); values are not rotated, so V scores are exact.
     """
     scores: dict[str, list[Tensor]] = {"q": [], "k": [], "v": []}
     for n in range(model.config.n_layers - 1):
