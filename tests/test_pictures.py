@@ -1,8 +1,10 @@
 """Heatmap grid, loss curve and the self-contained HTML explorer (the browser test is in
 test_pictures_browser), and that no picture function touches matplotlib's global state."""
 
+import errno
 import importlib
 import json
+import os
 import re
 
 import matplotlib
@@ -190,3 +192,39 @@ def test_html_marks_exactly_the_blocked_cells_with_a_tooltip(tmp_path):
     with pytest.raises(ValueError, match="blocked must be a bool tensor of the patterns' shape"):
         save_attention_html(patterns, list("abcdefghi"), tmp_path / "x.html",
                             blocked=expected[0].float())
+
+
+def test_a_picture_that_fails_while_rendering_leaves_the_previous_one(tmp_path, monkeypatch):
+    """Rendered in memory, then renamed into place: a renderer that dies after writing half a
+    file must not have touched the picture already there."""
+    from matplotlib.figure import Figure
+
+    def dies_halfway(self, target, **options):
+        out = open(target, "wb") if isinstance(target, (str, os.PathLike)) else target
+        out.write(b"\x89PNG, half of it")
+        raise RuntimeError("the renderer died")
+
+    path = tmp_path / "loss.png"
+    path.write_bytes(b"the previous curve")
+    monkeypatch.setattr(Figure, "savefig", dies_halfway)
+    with pytest.raises(RuntimeError, match="renderer died"):
+        plot_loss_curve([{"step": 1, "train_loss": 2.0}], path)
+    assert path.read_bytes() == b"the previous curve"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]
+
+
+def test_a_page_whose_write_fails_leaves_the_previous_one(tmp_path, monkeypatch):
+    import tinygpt.files
+    from tinygpt.pictures import save_attention_html
+
+    def fails(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    path = tmp_path / "page.html"
+    path.write_text("the previous page", encoding="utf-8")
+    monkeypatch.setattr(tinygpt.files.os, "fsync", fails)
+    patterns = torch.full((1, 1, 2, 2), 0.5)
+    with pytest.raises(OSError, match="Input/output error"):
+        save_attention_html(patterns, ["a", "b"], path)
+    assert path.read_text(encoding="utf-8") == "the previous page"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]

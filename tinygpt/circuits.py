@@ -21,7 +21,7 @@ from torch import Tensor
 from tinygpt.induction import induction_pattern_scores, previous_token_pattern_scores
 from tinygpt.inspection import hooks, run_with_cache
 from tinygpt.model import TinyDecoderModel, check_token_ids
-from tinygpt.pictures import display_token
+from tinygpt.pictures import display_token, save_figure
 
 Metric = Callable[[Tensor], Tensor]  # logits (b t v) -> any tensor, e.g. a scalar
 
@@ -302,5 +302,4 @@ def plot_patching(resid: Tensor, heads: Tensor, tokens: list[str], path: str | P
     figure.colorbar(image, ax=right, label="metric after patching")
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.savefig(path, dpi=100, metadata={"Software": None})
-    return Path(path)
+    return save_figure(figure, path, dpi=100, metadata={"Software": None})

@@ -83,7 +83,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     crash leaves either the old file or the new one, never a torn one. The file's mode follows
     the umask, as a plain `open` would; a full disk raises `DiskFullError` naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:  # named after the file asked for, not the temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from error
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -15,6 +15,7 @@ figures in pyplot's global list.
 from __future__ import annotations
 
 import html
+import io
 import itertools
 import json
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tinygpt.files import write_atomic
 from tinygpt.inspection import run_with_cache
 from tinygpt.model import TinyDecoderModel
 
@@ -139,8 +141,19 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     heading = "\n".join(part for part in (title, note) if part)
     if heading:
         fig.suptitle(heading, fontsize=10)
+    return save_figure(fig, path, dpi=100)
+
+
+def save_figure(figure, path: str | Path, **savefig_options: Any) -> Path:
+    """Render `figure` in memory in the format `path`'s suffix names (PNG without one, which is
+    then added, as matplotlib does), then write it atomically: a crash or a full disk leaves the
+    previous picture or the new one, never a torn file. Returns the path written."""
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    if not path.suffix:
+        path = path.with_name(f"{path.name}.png")
+    rendered = io.BytesIO()
+    figure.savefig(rendered, format=path.suffix[1:].lower(), **savefig_options)
+    write_atomic(path, rendered.getvalue())
     return path
 
 
@@ -186,9 +199,7 @@ def plot_loss_curve(records: Iterable[dict[str, Any]], path: str | Path) -> Path
         axes.legend()
     axes.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    return save_figure(fig, path)
 
 
 def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT attention",
@@ -222,8 +233,10 @@ def attention_html(patterns: Tensor, tokens: list[str], title: str = "TinyGPT at
 def save_attention_html(patterns: Tensor, tokens: list[str], path: str | Path,
                         title: str = "TinyGPT attention", blocked: Tensor | None = None,
                         note: str | None = None) -> Path:
+    """Write `attention_html`'s page to `path`, atomically (the old page or the new, never a
+    torn one)."""
     path = Path(path)
-    path.write_text(attention_html(patterns, tokens, title, blocked, note), encoding="utf-8")
+    write_atomic(path, attention_html(patterns, tokens, title, blocked, note).encode("utf-8"))
     return path
 
 

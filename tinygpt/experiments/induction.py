@@ -32,6 +32,7 @@ from tinygpt.config import ModelConfig, is_int_at_least
 from tinygpt.induction import repeated_tokens
 from tinygpt.inspection import eval_windows
 from tinygpt.model import TinyDecoderModel, next_token_loss
+from tinygpt.pictures import save_figure
 from tinygpt.tokenizer import CharTokenizer
 
 
@@ -263,5 +264,4 @@ def plot_induction(records: list[dict], path: Path, jump: int | None,
         ax.set_xlabel("training step")
     marked = f"; the induction score of L{head[0]}H{head[1]} jumps at step {jump}" if jump else ""
     figure.suptitle(f"2-layer attention-only model, seed {settings.seed}{marked}")
-    figure.savefig(path, dpi=100, metadata={"Software": None})
-    return path
+    return save_figure(figure, path, dpi=100, metadata={"Software": None})
