@@ -153,7 +153,17 @@ def test_resume_with_different_config(run, capsys):
 def test_resume_with_different_tokenizer(run, capsys):
     other = run / "other.txt"
     other.write_text(TEXT.translate(str.maketrans("abcdef", "uvwxyz")))  # same vocab size
-    _fails(_train_args(run, other, "--steps", "6", "--resume"), capsys, "different tokenizer")
+    _fails(_train_args(run, other, "--steps", "6", "--resume"), capsys, "another tokenizer")
+
+
+def test_resume_on_another_corpus_names_the_tokenizer_not_the_vocabulary_size(run, capsys):
+    """The corpus decides a character tokenizer, and with it vocab_size: the message says so
+    rather than that the config's vocab_size differs."""
+    other = run / "larger.txt"
+    other.write_text(TEXT + "XYZ")
+    _fails(_train_args(run, other, "--steps", "6", "--resume"), capsys,
+           r"another tokenizer \(7 tokens; this run's has 10\); resume with the run's own "
+           r"corpus and tokenizer")
 
 
 def test_new_run_over_existing_one(run, capsys):

@@ -118,7 +118,7 @@ def test_resume_refuses_other_config_or_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="checkpoint has d_ff=32 but this run asks for d_ff=64"):
         train(tmp_path, DATA, TOKENIZER, replace(MODEL, d_ff=64), TRAIN, resume=True)
     other = CharTokenizer(TOKENIZER.chars[::-1])
-    with pytest.raises(ValueError, match="different tokenizer"):
+    with pytest.raises(ValueError, match="another tokenizer"):
         train(tmp_path, DATA, other, MODEL, TRAIN, resume=True)
     with pytest.raises(ValueError, match="already has checkpoints; pass --resume"):
         train(tmp_path, DATA, TOKENIZER, MODEL, TRAIN)

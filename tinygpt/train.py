@@ -285,17 +285,18 @@ class _Trainer:
                 self.run.truncate_metrics(0)
             return 0
         ckpt, state = self.run.load(path)
+        if ckpt.tokenizer.to_dict() != self.tokenizer.to_dict():  # first: it decides vocab_size
+            raise CheckpointError(
+                f"cannot resume: the checkpoint in {str(ckpt.path)!r} was trained with another "
+                f"tokenizer ({ckpt.tokenizer.vocab_size} tokens; this run's has "
+                f"{self.tokenizer.vocab_size}); resume with the run's own corpus and tokenizer."
+            )
         if ckpt.config != self.model_config:
             theirs, ours = ckpt.config.to_dict(), self.model_config.to_dict()
             name = next(k for k in ours if ours[k] != theirs[k])
             raise CheckpointError(
                 f"cannot resume: the checkpoint has {name}={theirs[name]!r} but this run asks for "
                 f"{name}={ours[name]!r}."
-            )
-        if ckpt.tokenizer.to_dict() != self.tokenizer.to_dict():
-            raise CheckpointError(
-                f"cannot resume: the checkpoint in {str(ckpt.path)!r} was trained with a "
-                f"different tokenizer."
             )
         if "optimizer" not in state:
             raise CheckpointError(
