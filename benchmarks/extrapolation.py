@@ -125,7 +125,7 @@ def plot_extrapolation(results: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.extrapolation",
-                                     description=__doc__.splitlines()[0])
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", type=Path, help="a text file (required unless "
                         "--plot-documented)")
     parser.add_argument("--steps", type=int, default=1500)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -276,6 +277,9 @@ def variant_implementations(variant: str, batch: int, t: int, d_model: int, n_he
 
     from reference import masks as reference_masks
 
+    # Eager on purpose (the table labels it so): torch's advice to compile it is noise here.
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile",
+                            category=UserWarning)
     n_kv_heads = max(1, n_heads // 2) if variant == "grouped" else n_heads
     torch.manual_seed(seed)
     hand = MultiHeadAttention(d_model, n_heads, n_kv_heads=n_kv_heads).to(device=device,

@@ -54,6 +54,10 @@ def flops_per_token(config: ModelConfig) -> float:
     return 6 * params + 12 * config.n_layers * config.d_model * config.max_seq
 
 
+# The first steps are not timed: allocation warm-up, and compilation under --compile.
+BURN_IN = 10
+
+
 def run(label, token_dir, tokenizer, model_config, train_config, until=None, keep=None):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(keep or tmp)
@@ -64,7 +68,7 @@ def run(label, token_dir, tokenizer, model_config, train_config, until=None, kee
         records = [
             json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
         ]
-    steps = [r["ms_per_step"] for r in records if "val_loss" not in r][10:]  # skip burn-in/compile
+    steps = [r["ms_per_step"] for r in records if "val_loss" not in r][BURN_IN:]  # and compile
     ms = statistics.median(steps)
     tokens = train_config.batch_size * model_config.max_seq
     val = "-" if result.val_loss is None else f"{result.val_loss:.4f}"
@@ -106,6 +110,12 @@ def main() -> None:
         help="override TrainConfig fields, e.g. warmup_steps=50 init=model",
     )
     args = parser.parse_args()
+    # Every timed step past the burn-in: fewer would leave nothing to report.
+    if args.steps <= BURN_IN:
+        parser.error(f"--steps must be more than {BURN_IN} (the burn-in steps left untimed).")
+    if 0 < args.compile_steps <= BURN_IN:
+        parser.error(f"--compile-steps must be 0 (skip) or more than {BURN_IN} (the burn-in "
+                     f"steps left untimed).")
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the tinygpt command does
 
