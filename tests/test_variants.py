@@ -796,11 +796,12 @@ def test_tiled_core_takes_every_variant_mask(fields):
                                    atol=1e-10, msg=lambda m, kwargs=kwargs: f"{kwargs}: {m}")
 
 
+@pytest.mark.parametrize("labels", [(0, 1, 2, 3), (3, 2, 1, 0)], ids=["ascending", "descending"])
 @pytest.mark.parametrize("position", ["learned", "alibi", "rope", "none"])
-def test_a_packed_row_gives_each_document_the_logits_it_has_alone(position):
+def test_a_packed_row_gives_each_document_the_logits_it_has_alone(position, labels):
     """Packing documents into one row with `document_ids` changes nothing for any of them: each
     document's logits equal those of the document run alone (positions restart at each one),
-    in fp64 to 1e-10, with a one-token document among them."""
+    in fp64 to 1e-10, with a one-token document among them, whichever way the labels run."""
     from tinygpt import ModelConfig, TinyDecoderModel
 
     torch.manual_seed(0)
@@ -810,7 +811,7 @@ def test_a_packed_row_gives_each_document_the_logits_it_has_alone(position):
     lengths = (5, 1, 4, 6)
     documents = [torch.randint(17, (1, n)) for n in lengths]
     packed = torch.cat(documents, dim=1)  # 1 t
-    ids = torch.cat([torch.full((1, n), k) for k, n in enumerate(lengths)], dim=1)
+    ids = torch.cat([torch.full((1, n), k) for k, n in zip(labels, lengths)], dim=1)
     logits = model(packed, document_ids=ids)
     start = 0
     for document in documents:
