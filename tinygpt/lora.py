@@ -29,6 +29,7 @@ from tinygpt.files import (
     fsync_dir,
     is_disk_full,
     make_temp_dir,
+    replace_dir,
 )
 from tinygpt.model import TinyDecoderModel, next_token_loss
 from tinygpt.train import NonFiniteLossError
@@ -190,7 +191,7 @@ def save_lora(peft_model: nn.Module, directory: str | Path) -> Path:
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(tmp)
-        _replace_dir(tmp, directory)
+        replace_dir(tmp, directory)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(error):
@@ -200,21 +201,6 @@ def save_lora(peft_model: nn.Module, directory: str | Path) -> Path:
             ) from error
         raise
     return directory
-
-
-def _replace_dir(new: Path, directory: Path) -> None:
-    """Put `new` in the place of `directory`. A directory cannot be renamed over a non-empty one,
-    so the old one is renamed away first and deleted last: a crash between the two renames
-    leaves the old adapters whole under `.tmp-NAME-old-PID`, never a torn directory."""
-    old = None
-    if directory.exists():
-        old = directory.with_name(f".tmp-{directory.name}-old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)
-    os.rename(new, directory)
-    fsync_dir(directory.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_lora(model: TinyDecoderModel, directory: str | Path) -> nn.Module:

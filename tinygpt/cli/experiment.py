@@ -4,7 +4,6 @@ heads form (`tinygpt.experiments.induction`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def register(commands) -> None:
 def handle_induction(args: argparse.Namespace) -> None:
     from tinygpt.data import read_text
     from tinygpt.experiments.induction import InductionSettings, run_induction
-    from tinygpt.files import make_temp_dir
+    from tinygpt.files import make_temp_dir, replace_dir
 
     settings = InductionSettings(steps=args.steps, eval_every=args.score_every, seed=args.seed)
     out = _check_out(Path(args.out if args.out is not None else "runs/induction"))
@@ -50,7 +49,7 @@ def handle_induction(args: argparse.Namespace) -> None:
     scratch = make_temp_dir(out.parent, f".tmp-{out.name}-")
     try:
         result = run_induction(text, scratch, settings, on_eval=report)
-        _replace(scratch, out)
+        replace_dir(scratch, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     previous, induction = result.previous_head, result.induction_head
@@ -77,13 +76,3 @@ def _check_out(out: Path) -> Path:
             raise ValueError(f"--out {str(out)!r} holds files that are not an earlier induction "
                              f"experiment's (such as {others[0]!r}); give a new directory.")
     return out
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Put the finished experiment `new` in the place of `out`: the old one is renamed away
-    first and deleted last, so a crash leaves one whole experiment, never a mix."""
-    old = out.with_name(f".tmp-{out.name}-old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(new, out)
-    shutil.rmtree(old, ignore_errors=True)
