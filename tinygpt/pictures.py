@@ -144,13 +144,18 @@ def plot_attention_grid(patterns: Tensor, tokens: list[str], path: str | Path,
     return save_figure(fig, path, dpi=100)
 
 
-def save_figure(figure, path: str | Path, **savefig_options: Any) -> Path:
-    """Render `figure` in memory in the format `path`'s suffix names (PNG without one, which is
-    then added, as matplotlib does), then write it atomically: a crash or a full disk leaves the
-    previous picture or the new one, never a torn file. Returns the path written."""
+def figure_path(path: str | Path) -> Path:
+    """The file a figure named `path` is written to: `path` itself, or with `.png` added when it
+    has no suffix (PNG is the format then, as matplotlib does)."""
     path = Path(path)
-    if not path.suffix:
-        path = path.with_name(f"{path.name}.png")
+    return path if path.suffix else path.with_name(f"{path.name}.png")
+
+
+def save_figure(figure, path: str | Path, **savefig_options: Any) -> Path:
+    """Render `figure` in memory in the format `figure_path(path)`'s suffix names, then write it
+    atomically: a crash or a full disk leaves the previous picture or the new one, never a torn
+    file. Returns the path written."""
+    path = figure_path(path)
     rendered = io.BytesIO()
     figure.savefig(rendered, format=path.suffix[1:].lower(), **savefig_options)
     write_atomic(path, rendered.getvalue())

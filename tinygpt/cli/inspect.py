@@ -56,8 +56,6 @@ def handle(args: argparse.Namespace) -> None:
     cut = "last tokens of the prompt: " if shown != args.prompt else ""
     title = f"{run} (step {ckpt.step}): {cut}{shown[-60:] if cut else shown[:60]!r}"
     if png is not None:
-        options.make_parent(png)
         print(f"wrote {plot_attention_grid(patterns, tokens, png, title, blocked, note)}")
     if page is not None:
-        options.make_parent(page)
         print(f"wrote {save_attention_html(patterns, tokens, page, title, blocked, note)}")

@@ -397,7 +397,7 @@ def check_foil(foil: int | None, target: int | None, text: str | None) -> None:
 
 def output_file(text: str, flag: str) -> Path:
     """The file `flag` names, checked before any work is done: not a directory, and not below a
-    file. Missing directories above it are made when it is written (`make_parent`)."""
+    file. Missing directories above it are made when it is written (`files.write_atomic`)."""
     path = Path(text)
     if path.is_dir():
         raise ValueError(f"{flag} {text!r} is a directory; give a file name.")
@@ -423,19 +423,16 @@ def directory_option(text: str, flag: str) -> Path:
     return writable_below(path, flag)
 
 
-def make_parent(path: Path) -> None:
-    """Make the directories above `path` (checked by `output_file`), just before it is written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-
 def figure_file(text: str, flag: str) -> Path:
     """A file matplotlib can draw into, by its extension (none means .png, as matplotlib adds,
     and the name printed says so)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    from tinygpt.pictures import figure_path
+
     path = output_file(text, flag)
-    if not path.suffix:
-        path = output_file(str(path.with_name(f"{path.name}.png")), flag)
+    if figure_path(path) != path:
+        path = output_file(str(figure_path(path)), flag)
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:
         raise ValueError(f"{flag} {text!r}: a figure cannot be written as {path.suffix!r}; use "

@@ -61,5 +61,4 @@ def handle(args: argparse.Namespace) -> None:
     title = (f"{run}: {name} at the last position; clean {clean_value:.2f}, "
              f"corrupted {corrupted_value:.2f}")
     tokens = [decode([i]) for i in ids]
-    options.make_parent(out)
     print(f"wrote {plot_patching(resid.cpu(), heads.cpu(), tokens, out, title=title)}")
