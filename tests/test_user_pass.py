@@ -259,6 +259,10 @@ CASES = {
         _resume("--steps", "1"), 0,
         NOTE + r"the run is already at step 2, and --steps 1 plans no step beyond it; nothing "
                r"is trained"),
+    "train --resume at exactly --steps (nothing trained, not a word)": Case(
+        _resume("--steps", "2"), 0,
+        NOTE + r"the run is already at step 2, and --steps 2 plans no step beyond it; nothing "
+               r"is trained"),
     "train --resume with other training options (flags not given again take defaults)": Case(
         _resume("--steps", "3", "--lr", "0.01", "--pack-documents", "\n"), 0,
         NOTE + r"resuming with other training options than the checkpoint's \(--lr 0\.001 -> "

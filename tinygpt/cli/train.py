@@ -110,15 +110,18 @@ def _notes_on_resume(run_dir: Path, config, tokenizer) -> None:
     latest = RunDir(run_dir).latest()
     if latest is None:
         return  # train() refuses to resume a run without a checkpoint, in its own words
-    done = int(latest.name.rsplit("-", 1)[1])
+    try:
+        meta = json.loads((latest / "meta.json").read_text(encoding="utf-8"))
+        done = int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged checkpoint: loading it says what is wrong
     if done >= config.steps:
         options.note(f"the run is already at step {done}, and --steps {config.steps} plans no "
                      f"step beyond it; nothing is trained (raise --steps to train on).")
         return
-    try:
-        before = json.loads((latest / "meta.json").read_text(encoding="utf-8"))["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # an imported or damaged checkpoint: loading it says what is wrong
+    before = meta.get("train")
+    if not isinstance(before, dict):
+        return  # an imported checkpoint: train() refuses to resume it, in its own words
     now = config.to_dict()
     changed = [_change(k, before[k], now[k], tokenizer) for k in now
                if k not in RESUMABLE_CHANGES and k in before and before[k] != now[k]]
