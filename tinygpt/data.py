@@ -461,7 +461,15 @@ def random_windows(tokens: np.ndarray | Sequence[int], batch_size: int, max_seq:
     from `generator`: every window that fits equally likely, the last one included. Only the
     windows are read, so a memory-mapped corpus never comes into memory whole."""
     offsets = torch.randint(len(tokens) - max_seq, (batch_size,), generator=generator)
-    rows = [np.asarray(tokens[o:o + max_seq + 1], dtype=np.int64) for o in offsets.tolist()]
+    return windows_at(tokens, offsets.tolist(), max_seq + 1)
+
+
+def windows_at(tokens: np.ndarray | Tensor | Sequence[int], offsets: Sequence[int],
+               length: int) -> Tensor:
+    """`(b length)` int64 windows of `tokens` starting at `offsets`. Only the windows are read,
+    and they are copied (`np.stack`), never views of a read-only memory map, which torch warns
+    that writing to is undefined."""
+    rows = [np.asarray(tokens[o:o + length], dtype=np.int64) for o in offsets]
     return torch.from_numpy(np.stack(rows))
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from tinygpt.attention import HookPoint
 from tinygpt.config import is_int_at_least
+from tinygpt.data import windows_at
 from tinygpt.induction import induction_pattern_scores, repeated_tokens
 from tinygpt.model import TinyDecoderModel, check_token_ids, next_token_loss
 
@@ -257,17 +258,8 @@ def eval_windows(ids: Sequence[int] | np.ndarray | Tensor, max_seq: int,
     if available < 1:
         raise ValueError(f"the text has {len(ids)} tokens; at least {max_seq + 1} are needed.")
     starts = torch.linspace(0, available - 1, min(n_windows, available)).round().long() * max_seq
-    rows = torch.stack([_window(ids, s, max_seq + 1) for s in starts.tolist()])
+    rows = windows_at(ids, starts.tolist(), max_seq + 1)
     return rows[:, :-1], rows[:, 1:]
-
-
-def _window(ids: Sequence[int] | np.ndarray | Tensor, start: int, length: int) -> Tensor:
-    """`length` ids from `start` as a new int64 tensor: a copy, never a view of a read-only
-    memory map (torch warns that writing to such a view is undefined)."""
-    piece = ids[start:start + length]
-    if isinstance(piece, Tensor):
-        return piece.long()
-    return torch.from_numpy(np.array(piece, dtype=np.int64))
 
 
 def loss_ends(losses: list[float], parts: int = 10) -> tuple[float, float, int]:
